@@ -1,0 +1,131 @@
+"""`tunesmith` command line: a thin dispatch table over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+EPILOG = "Any config field can be overridden as --section.key=value, e.g. --train.epochs=1 --method.r=16."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a pretrained model on your data, locally.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config; writes a run folder", epilog=EPILOG)
+    t.add_argument("config", help="YAML run config (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+
+    e = sub.add_parser("eval", help="evaluate a run or a base model on a data file", epilog=EPILOG)
+    e.add_argument("model", help="run folder, model folder, hub id, .gguf file or builtin: alias")
+    e.add_argument("--data", required=True, help="data file to evaluate on")
+    e.add_argument("--config", help="config with task/columns/template (default: the run's own)")
+    e.add_argument("--json", dest="json_out", help="also write the full result to this JSON file")
+
+    pr = sub.add_parser("predict", help="classify texts or generate replies with a trained run")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("--text", action="append", default=[], help="an input (repeatable)")
+    pr.add_argument("--file", help="inputs: a .txt file (one per line) or .jsonl with a text/prompt field")
+    pr.add_argument("--max-new-tokens", type=int, help="generation length")
+    pr.add_argument("--json", action="store_true", help="print JSON lines")
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="report what the pipeline makes of a file, with every error", epilog=EPILOG)
+    dc.add_argument("file")
+    dc.add_argument("--config", help="run config whose data/model settings to use")
+    dc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
+    c.add_argument("config", nargs="?", help="YAML run config")
+    c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
+    return p
+
+
+def _read_inputs(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise TunesmithError(f"input file not found: {p}")
+    if p.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TunesmithError(f"{p}:line {n}: malformed JSON: {e.msg}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("prompt")), str):
+                    raise TunesmithError(f"{p}:line {n}: field 'text' (or 'prompt'): missing")
+                out.append(obj.get("text", obj.get("prompt")))
+        return out
+    return [l for l in p.read_text().splitlines() if l.strip()]
+
+
+def run(argv: list[str]) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if args.command == "train":
+        from tunesmith.train import train
+
+        train(args.config, rest, resume=args.resume)
+    elif args.command == "eval":
+        from tunesmith.evaluate.report import comparison_markdown
+        from tunesmith.runs import evaluate
+
+        result = evaluate(args.model, args.data, args.config, rest)
+        print(comparison_markdown(None, result).replace("| before ", "| ").replace("| - |", "|"))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+    elif args.command == "predict":
+        from tunesmith.runs import predict
+
+        _no_overrides(rest)
+        texts = args.text + (_read_inputs(args.file) if args.file else [])
+        if not texts:
+            raise TunesmithError("predict: give --text or --file")
+        for r in predict(args.run, texts, args.max_new_tokens):
+            if args.json:
+                print(json.dumps(r))
+            elif "label" in r:
+                print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
+            else:
+                print(f">>> {r['input']}\n{r['output']}\n")
+    elif args.command == "data":
+        from tunesmith.data.check import check_data, format_report
+
+        report = check_data(args.file, args.config, rest)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 1 if report["problems"] else 0
+    elif args.command == "config":
+        from tunesmith.config import describe_fields, load_config
+
+        if args.doc:
+            print("\n".join(describe_fields()))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(load_config(args.config, rest).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def _no_overrides(rest: list[str]) -> None:
+    if rest:
+        raise TunesmithError(f"unexpected arguments: {' '.join(rest)}")
+
+
+def main() -> None:
+    try:
+        sys.exit(run(sys.argv[1:]))
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

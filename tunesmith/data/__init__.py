@@ -1,0 +1,92 @@
+"""Data pipeline: read -> filter -> validate -> split -> tokenise. `prepare_data` runs it all."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith import assets
+from tunesmith.config import DataConfig, RunConfig
+from tunesmith.data.formats import Example, filter_where, infer_labels, to_examples
+from tunesmith.data.readers import Record, read_records
+from tunesmith.data.splits import take
+from tunesmith.data.tokenize import TokenStats, tokenize, use_chat_template
+from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    features: list[dict[str, Any]] = field(default_factory=list)
+    stats: TokenStats = field(default_factory=TokenStats)
+
+
+@dataclass
+class PreparedData:
+    fmt: str
+    labels: list[str] | None
+    chat: bool  # prompts rendered with the tokenizer's chat template
+    splits: dict[str, Split]  # "train", and "validation" / "test" when present
+
+
+def load_records(source: str, cfg: DataConfig, problems: list | None = None) -> tuple[list[Record], dict[str, Any]]:
+    """Read one data source (path or builtin alias), applying builtin and configured filters.
+
+    `problems`: collect malformed lines there instead of raising (see read_records).
+    """
+    src = assets.data_source(source)
+    records = read_records(Path(src["path"]), cfg.reader, problems)
+    where = {**src.get("where", {}), **cfg.where}
+    kept = filter_where(records, where)
+    if not kept:
+        raise TunesmithError(f"{source}: no records match data.where={where} (of {len(records)} read)")
+    return kept, src
+
+
+def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, Any]) -> list[str] | None:
+    if cfg.task != "classification":
+        return None
+    labels = cfg.data.labels or src.get("labels") or infer_labels(train_records, cfg.data)
+    if len(labels) < 2:
+        raise TunesmithError(f"{cfg.data.train}: classification needs at least 2 labels, found {labels}")
+    return list(labels)
+
+
+def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list[Example]]]:
+    """Read, filter, validate and split; no tokenizer needed. Returns (format, labels, splits)."""
+    d = cfg.data
+    train_recs, src = load_records(d.train, d)
+    labels = resolve_labels(cfg, train_recs, src)
+    fmt, pool = to_examples(train_recs, cfg.task, d, labels)
+    out: dict[str, list[Example]] = {}
+    strat = (lambda xs: [e.label for e in xs]) if (cfg.task == "classification" and d.stratify) else (lambda xs: None)
+    for name, path, size in (("test", d.test, d.test_size), ("validation", d.validation, d.val_size)):
+        if path:
+            out[name] = to_examples(load_records(path, d)[0], cfg.task, d, labels)[1]
+        else:
+            taken, pool = take(pool, size, d.seed, strat(pool), f"data.{name[:4] if name == 'test' else 'val'}_size")
+            if taken:
+                out[name] = taken
+    if d.train_size is not None and _smaller(d.train_size, len(pool)):
+        pool, _ = take(pool, d.train_size, d.seed + 1, strat(pool), "data.train_size")
+    out["train"] = pool
+    return fmt, labels, out
+
+
+def _smaller(size: int | float, n: int) -> bool:
+    return (size < 1.0) if isinstance(size, float) else size < n
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
+    """The whole data pipeline for a run.
+
+    Raises:
+        TunesmithError / DataError naming file, line and field for any bad input.
+    """
+    fmt, labels, split_examples = load_examples(cfg)
+    chat = cfg.task == "sft" and use_chat_template(cfg.data, fmt, tokenizer)
+    splits = {}
+    for name, exs in split_examples.items():
+        feats, stats = tokenize(exs, cfg.task, fmt, cfg.data, tokenizer)
+        splits[name] = Split(exs, feats, stats)
+    return PreparedData(fmt=fmt, labels=labels, chat=chat, splits=splits)

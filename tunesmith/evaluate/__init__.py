@@ -1,0 +1,128 @@
+"""Evaluate a model on prepared data: metrics, generations, and sample predictions.
+
+The same function scores the base before training and the result after, on the same
+held-out features and the same sample inputs, so the two columns of the report compare.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from tunesmith.config import RunConfig
+from tunesmith.data import PreparedData
+from tunesmith.data.collate import batch_order, collate
+from tunesmith.data.formats import Example
+from tunesmith.data.tokenize import render_prompt
+from tunesmith.evaluate.metrics import classification_metrics, lm_metrics, match_metrics
+from tunesmith.objectives import for_task
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_features(model, feats: list[dict[str, Any]], task: str, labels: list[str] | None, pad_id: int,
+                   acc: Accelerator, batch_size: int) -> dict:
+    """Loss-based metrics over features (accuracy/F1/... for classification; loss/perplexity for LMs)."""
+    was_training = model.training
+    model.eval()
+    objective = for_task(task)
+    loss_sum, count, correct = 0.0, 0, 0
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    for idxs in batch_order([len(f["input_ids"]) for f in feats], batch_size, shuffle=False):
+        batch = _to(collate([feats[i] for i in idxs], pad_id), acc.device)
+        with acc.autocast():
+            out = objective(model, batch)
+        loss_sum += float(out.loss_sum)
+        count += out.count
+        correct += out.correct
+        if out.logits is not None:
+            y_true += batch["label"].tolist()
+            y_pred += out.logits.argmax(-1).tolist()
+    model.train(was_training)
+    if task == "classification":
+        return {"loss": loss_sum / max(count, 1), **classification_metrics(y_true, y_pred, labels or [])}
+    return lm_metrics(loss_sum, count, correct)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], acc: Accelerator, max_new_tokens: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; returns only new text."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for idxs in batch_order([len(p) for p in prompts], batch_size, shuffle=False):
+        width = max(len(prompts[i]) for i in idxs)
+        ids = torch.full((len(idxs), width), pad, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idxs):
+            n = len(prompts[i])
+            ids[row, width - n:] = torch.tensor(prompts[i])
+            mask[row, width - n:] = 1
+        with acc.autocast():
+            gen = model.generate(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        for row, i in enumerate(idxs):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out
+
+
+def sample_inputs(cfg: RunConfig, data: PreparedData) -> list[str]:
+    """The inputs shown before/after: configured samples, else the first few test examples."""
+    if cfg.eval.samples:
+        return list(cfg.eval.samples)
+    split = data.splits.get("test") or data.splits.get("validation") or data.splits["train"]
+    exs: list[Example] = split.examples[: cfg.eval.num_samples]
+    if cfg.task == "classification":
+        return [e.text or "" for e in exs]
+    if cfg.task == "sft":
+        return [e.prompt if e.messages is None else e.messages[-2]["content"] for e in exs]
+    return [" ".join((e.text or "").split()[:12]) for e in exs]  # cpt: continue a document's opening words
+
+
+@torch.no_grad()
+def predict_texts(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool, labels: list[str] | None,
+                  acc: Accelerator) -> list[dict]:
+    """Classify texts (label + probability) or generate answers to prompts, as the run was trained."""
+    if cfg.task == "classification":
+        was_training = model.training
+        model.eval()
+        tokenizer.truncation_side = cfg.data.truncation_side
+        enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        with acc.autocast():
+            logits = model(input_ids=enc["input_ids"].to(acc.device),
+                           attention_mask=enc["attention_mask"].to(acc.device)).logits.float()  # (B, C)
+        model.train(was_training)
+        probs = logits.softmax(-1)
+        assert labels is not None
+        return [{"input": t, "label": labels[int(p.argmax())], "probability": round(float(p.max()), 4)}
+                for t, p in zip(texts, probs)]
+    prompts = [tokenizer(render_prompt(t, cfg.data, tokenizer, chat), add_special_tokens=not chat)["input_ids"]
+               for t in texts]
+    gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    return [{"input": t, "output": g} for t, g in zip(texts, gens)]
+
+
+def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator,
+                   split: str = "test") -> dict:
+    """Everything the report shows for one model: split metrics, generation scores, samples."""
+    feats = data.splits[split].features[: cfg.eval.max_examples]
+    result: dict[str, Any] = {
+        "split": split,
+        "examples": len(feats),
+        "metrics": score_features(model, feats, cfg.task, data.labels, tokenizer.pad_token_id, acc, cfg.eval.batch_size),
+    }
+    if cfg.task == "sft" and cfg.eval.generate_metrics:
+        prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
+        gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        result["metrics"].update(match_metrics(gens, [f["reference"] for f in feats]))
+        result["generations"] = [{"reference": f["reference"], "output": g} for f, g in zip(feats, gens)]
+    result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
+    return result

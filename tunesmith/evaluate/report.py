@@ -1,0 +1,86 @@
+"""Before/after evaluation report (JSON + Markdown) and the training-curve plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "perplexity", "token_accuracy",
+             "exact_match", "contains"]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _short(text: str, n: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _cell(s: dict) -> str:
+    if "label" in s:
+        return f"{s['label']} ({s['probability']:.2f})"
+    return _short(s["output"], 120).replace("|", "\\|")
+
+
+def comparison_markdown(before: dict | None, after: dict) -> str:
+    """The 'untrained vs trained' tables: headline metrics, then the same sample inputs."""
+    lines = [f"Evaluated on the **{after['split']}** split ({after['examples']} examples).", "",
+             "| metric | before | after |", "|---|---|---|"]
+    for k in _HEADLINE:
+        if k in after["metrics"]:
+            b = _fmt(before["metrics"][k]) if before else "-"
+            lines.append(f"| {k} | {b} | {_fmt(after['metrics'][k])} |")
+    lines += ["", "| input | before | after |", "|---|---|---|"]
+    for i, s in enumerate(after["samples"]):
+        b = _cell(before["samples"][i]) if before else "-"
+        lines.append(f"| {_short(s['input'], 70).replace('|', '/')} | {b} | {_cell(s)} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict) -> str:
+    """Write eval_report.json and eval_report.md; returns the Markdown."""
+    (run_dir / "eval_report.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=2))
+    md = [f"# Run report: {summary['name']}", "",
+          f"- task: {summary['task']}, method: {summary['method']}, base: `{summary['base_model']}`",
+          f"- {summary['params']}", f"- precision: {summary['precision']}, device: {summary['device']}",
+          f"- steps: {summary['steps']}, train time: {summary['train_seconds']:.0f} s, total: {summary['wall_seconds']:.0f} s",
+          f"- best validation {summary['best_metric']}: {_fmt(summary['best_value'])} (step {summary['best_step']})", "",
+          "## Before vs after training", "", comparison_markdown(before, after)]
+    cm = after["metrics"].get("confusion_matrix")
+    if cm:
+        names = list(after["metrics"]["per_class"])
+        md += ["", "## Confusion matrix (after; rows = true, columns = predicted)", "",
+               "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        md += [f"| {names[i]} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(cm)]
+    text = "\n".join(md) + "\n"
+    (run_dir / "eval_report.md").write_text(text)
+    return text
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    """Training loss per logged step and validation metrics per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval" and "loss" in r]  # no validation split: no points
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        ax1.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        key = "accuracy" if "accuracy" in evals[0] else "perplexity"
+        ax2.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:green")
+        ax2.set_title(f"validation {key}")
+        ax2.set_xlabel("step")
+    ax1.set_title("loss")
+    ax1.set_xlabel("step")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

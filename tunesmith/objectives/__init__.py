@@ -1,0 +1,54 @@
+"""Objectives: one small function per task, (model, batch) -> summed loss and counts.
+
+Losses are returned as sums with their counts, not means: the loop divides by the count of
+the whole accumulated step, so batch 1 x accum 8 gives the same gradient as batch 8 x accum 1
+even when sequences have different numbers of target tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.tokenize import IGNORE
+
+
+@dataclass
+class LossOut:
+    loss_sum: torch.Tensor  # scalar, summed over counted items
+    count: int  # examples (classification) or target tokens (LM)
+    correct: int  # argmax hits among counted items
+    logits: torch.Tensor | None = None  # classification: (B, C) for metrics
+
+
+def classification(model, batch: dict[str, torch.Tensor]) -> LossOut:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+    logits = logits.float()
+    loss = F.cross_entropy(logits, batch["label"], reduction="sum")
+    correct = int((logits.argmax(-1) == batch["label"]).sum())
+    return LossOut(loss, int(batch["label"].numel()), correct, logits.detach())
+
+
+def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
+    """Next-token cross-entropy on positions whose label is not IGNORE (SFT masks the prompt)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
+    keep = labels != IGNORE  # (B, T-1)
+    picked = logits[:, :-1][keep].float()  # (N, V): only positions that carry a loss
+    target = labels[keep]  # (N,)
+    loss = F.cross_entropy(picked, target, reduction="sum")
+    correct = int((picked.argmax(-1) == target).sum())
+    return LossOut(loss, int(target.numel()), correct)
+
+
+def for_task(task: str) -> Callable[[object, dict[str, torch.Tensor]], LossOut]:
+    return classification if task == "classification" else causal_lm
+
+
+def count_items(task: str, batch: dict[str, torch.Tensor]) -> int:
+    """How many items a batch contributes to the loss denominator (known before the forward pass)."""
+    if task == "classification":
+        return int(batch["label"].numel())
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -1,0 +1,98 @@
+"""Use a finished run (or any base model): load it, evaluate it on a file, predict with it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import RunConfig, load_config, parse_overrides
+from tunesmith.data import PreparedData, Split, load_records, resolve_labels
+from tunesmith.data.formats import to_examples
+from tunesmith.data.tokenize import tokenize, use_chat_template
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import evaluate_model, predict_texts
+from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
+from tunesmith.train.runtime import make_accelerator
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    cfg: RunConfig
+    labels: list[str] | None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "run.json").is_file() and (p / "config.yaml").is_file()
+
+
+def load_run(run_dir: str | Path) -> LoadedModel:
+    """Load a run's trained model: base + peft adapter, or the saved full model."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise TunesmithError(f"{run_dir}: not a finished tunesmith run (no run.json / config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    info = json.loads((run_dir / "run.json").read_text())
+    labels = info.get("labels")
+    if (run_dir / "adapter").is_dir():
+        from peft import PeftModel
+
+        tok = load_tokenizer(str(run_dir / "adapter"))
+        base = load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels,
+                          cfg.model.trust_remote_code, tok.pad_token_id)
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    else:
+        tok = load_tokenizer(str(run_dir / "model"))
+        model = load_model(str(run_dir / "model"), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)
+    model.eval()
+    return LoadedModel(model, tok, cfg, labels)
+
+
+def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | dict | None = None,
+             overrides: dict | list[str] | None = None) -> dict:
+    """Evaluate a run, or a base model as it is, on a data file.
+
+    A run uses its own config (task, columns, template, labels) unless `config` is given; a base
+    model uses `config` (or the defaults) with `task` etc. from `overrides`.
+    Returns:
+        {"split", "examples", "metrics", "samples"[, "generations"]} as in the run report.
+    """
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    ov["data.train"] = str(data)
+    model = labels = None
+    if is_run_dir(run_or_model):
+        loaded = load_run(run_or_model)
+        cfg = load_config(config or str(Path(run_or_model) / "config.yaml"), ov)
+        model, tokenizer, labels = loaded.model, loaded.tokenizer, loaded.labels
+    else:
+        ov["model.name_or_path"] = str(run_or_model)
+        cfg = load_config(config, ov)
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    records, src = load_records(str(data), cfg.data)
+    labels = labels or resolve_labels(cfg, records, src)
+    fmt, examples = to_examples(records, cfg.task, cfg.data, labels)
+    feats, stats = tokenize(examples, cfg.task, fmt, cfg.data, tokenizer)
+    if model is None:
+        model = load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels,
+                           cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    chat = cfg.task == "sft" and use_chat_template(cfg.data, fmt, tokenizer)
+    prepared = PreparedData(fmt, labels, chat, {"test": Split(examples, feats, stats)})
+    acc, _ = make_accelerator(cfg.train)
+    model.to(acc.device)
+    return evaluate_model(model, tokenizer, prepared, cfg, acc, "test")
+
+
+def predict(run: str | Path, texts: list[str], max_new_tokens: int | None = None) -> list[dict]:
+    """Classify texts ({'label', 'probability'}) or generate replies ({'output'}) with a trained run."""
+    loaded = load_run(run)
+    cfg = loaded.cfg
+    if max_new_tokens:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": max_new_tokens})})
+    info = json.loads((Path(run) / "run.json").read_text())
+    acc, _ = make_accelerator(cfg.train)
+    loaded.model.to(acc.device)
+    return predict_texts(loaded.model, loaded.tokenizer, texts, cfg, bool(info.get("chat_template")), loaded.labels, acc)

@@ -1,0 +1,162 @@
+"""`train()`: config in, evaluated run folder out.
+
+Order matters for "nothing half-written": the config, data and model are all loaded and
+checked before the run folder is created, and a run that fails before its first checkpoint
+removes the folder it made.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from tunesmith.config import RunConfig, dump_config, load_config
+from tunesmith.data import PreparedData, prepare_data
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import evaluate_model
+from tunesmith.evaluate.report import comparison_markdown, plot_curves, write_report
+from tunesmith.methods import apply_method, param_report
+from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.loop import EventFn, fit
+from tunesmith.train.runtime import make_accelerator
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    before: dict | None
+    after: dict
+    summary: dict[str, Any]
+
+
+def _say(msg: str, on_event: EventFn | None) -> None:
+    print(msg, flush=True)
+    if on_event:
+        on_event({"kind": "message", "text": msg})
+
+
+def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | None = None, *, resume: bool = False,
+          on_event: EventFn | None = None, cancel: threading.Event | None = None) -> RunResult:
+    """Fine-tune according to `config` and write a run folder.
+
+    Args:
+        config: a RunConfig, a YAML path or a dict.
+        overrides: {'train.lr': 1e-4} or ['--train.lr=1e-4'].
+        resume: continue from the run folder's latest checkpoint.
+        on_event: called with dicts (kind: message/train/eval/checkpoint/done) as training goes.
+        cancel: set it from another thread to stop after a checkpoint (raises TrainingCancelled).
+    Returns:
+        RunResult with the before/after evaluations and the run summary.
+    Raises:
+        ConfigError, DataError, TunesmithError for bad input (before anything is written).
+    """
+    cfg = config if isinstance(config, RunConfig) and not overrides else load_config(
+        config.model_dump() if isinstance(config, RunConfig) else config, overrides)
+    t0 = time.perf_counter()
+    run_dir = cfg.run_dir
+    resume_from = _check_run_dir(run_dir, cfg, resume)
+
+    # ---- everything that can fail on user input happens before the run folder exists ----
+    set_seed(cfg.train.seed)
+    base_path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    _say(_data_summary(data), on_event)
+    model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
+                       dropout=cfg.model.dropout, attention_dropout=cfg.model.attention_dropout)
+    model = apply_method(model, cfg.method, cfg.task)
+    params = param_report(model)
+    _say(f"method {cfg.method.name}: {params}", on_event)
+    acc, precision = make_accelerator(cfg.train)
+    _say(f"device {acc.device}, precision {precision}, threads {torch.get_num_threads()}", on_event)
+
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dump_config(cfg, run_dir / "config.yaml")
+        model.to(acc.device)
+        before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
+        result = fit(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
+    except BaseException:
+        if created and ckpt.latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
+        raise
+
+    model = acc.unwrap_model(model)
+    if cfg.train.load_best and result.best_step is not None and result.best_step != result.steps:
+        ckpt.load_weights(run_dir / "checkpoints" / "best", model)
+        _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
+    _say("evaluating the trained model ...", on_event)
+    after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
+    _save_model(model, tokenizer, cfg, run_dir)
+    summary = {
+        "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
+        "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
+        "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
+        "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
+        "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
+        "stopped_early": result.stopped_early, "status": "completed",
+    }
+    (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+    write_report(run_dir, before, after, summary)
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    _say("\n" + comparison_markdown(before, after) + f"\n\nrun folder: {run_dir}", on_event)
+    if on_event:
+        on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})
+    return RunResult(run_dir, before, after, summary)
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    if resume:
+        last = ckpt.latest_checkpoint(run_dir)
+        if last is None:
+            raise TunesmithError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        return last
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise TunesmithError(f"run folder {run_dir} already exists; use --output.overwrite=true, "
+                                 f"another --output.name, or --resume")
+        shutil.rmtree(run_dir)
+    return None
+
+
+def _eval_split(data: PreparedData) -> str:
+    return "test" if "test" in data.splits else "validation" if "validation" in data.splits else "train"
+
+
+def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_event) -> dict | None:
+    """Evaluate the untrained model once; a resumed run reuses the saved result."""
+    path = run_dir / "before.json"
+    if resume_from is not None and path.exists():
+        return json.loads(path.read_text())
+    if not cfg.eval.before:
+        return None
+    _say("evaluating the untrained base model ...", on_event)
+    rng = torch.get_rng_state()
+    before = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
+    torch.set_rng_state(rng)  # evaluation must not change what training sees
+    path.write_text(json.dumps(before))
+    return before
+
+
+def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path) -> None:
+    """LoRA -> run/adapter (peft format); full/head -> run/model (transformers format). Tokenizer beside it."""
+    out = run_dir / ("adapter" if cfg.method.name == "lora" else "model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _data_summary(data: PreparedData) -> str:
+    parts = [f"{name} {len(s.features)}" for name, s in data.splits.items()]
+    trunc = sum(s.stats.truncated for s in data.splits.values())
+    labels = f", labels {data.labels}" if data.labels else ""
+    chat = ", chat template" if data.chat else ""
+    return f"data: format {data.fmt}{labels}{chat}; " + ", ".join(parts) + f"; truncated {trunc}"

@@ -1,0 +1,195 @@
+"""The training loop: forward, loss, backward, accumulate, clip, step, evaluate, checkpoint.
+
+Read top to bottom. Objectives plug in as `(model, batch) -> LossOut`; methods only decide
+which parameters have requires_grad. Progress goes to `on_event` (for workers and UIs) and
+`cancel` (a threading.Event) stops the run cleanly after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from tunesmith.config import RunConfig
+from tunesmith.data import PreparedData
+from tunesmith.data.collate import batch_order, collate
+from tunesmith.errors import TrainingCancelled
+from tunesmith.evaluate import score_features
+from tunesmith.objectives import count_items, for_task
+from tunesmith.train import checkpoint as ckpt
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_metric: str
+    best_value: float | None
+    best_step: int | None
+    stopped_early: bool
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-D tensors), as usual."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+
+
+def _improved(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, run_dir: Path, *,
+        on_event: EventFn | None = None, cancel: threading.Event | None = None,
+        resume_from: Path | None = None) -> FitResult:
+    t = cfg.train
+    emit = on_event or (lambda e: None)
+    objective = for_task(cfg.task)
+    feats = data.splits["train"].features
+    val = data.splits.get("validation")
+    lengths = [len(f["input_ids"]) for f in feats]
+    pad_id = tokenizer.pad_token_id
+
+    batches_per_epoch = math.ceil(len(feats) / t.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
+    metric, greater = cfg.best_metric()
+
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # Where we are: a fresh run starts at zero, a resumed one where its checkpoint left off.
+    prog = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": None, "bad_evals": 0,
+            "run_loss": 0.0, "run_count": 0}  # loss summed since the last log line (kept so resume logs match)
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        ckpt.load_weights(resume_from, acc.unwrap_model(model))
+        state = ckpt.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        prog = state["progress"]
+        _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
+    history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+
+    def log(row: dict[str, Any]) -> None:
+        history.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        emit(row)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=prog["step"], desc="train", dynamic_ncols=True,
+               disable=not acc.is_local_main_process, mininterval=1 if sys.stderr.isatty() else 30)
+    start = time.perf_counter()
+    tokens_seen, stop = 0, False
+    while prog["step"] < total_steps and not stop:
+        order = batch_order(lengths, t.batch_size, shuffle=True, seed=t.seed, epoch=prog["epoch"],
+                            group_by_length=t.group_by_length)
+        while prog["step"] < total_steps and not stop:
+            # ---- one optimizer step over grad_accum micro-batches ----
+            group = [collate([feats[i] for i in order[j]], pad_id)
+                     for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
+            denom = sum(count_items(cfg.task, b) for b in group)  # loss normaliser for the whole step
+            for k, batch in enumerate(group):
+                batch = {n: v.to(acc.device) for n, v in batch.items()}
+                sync = nullcontext() if k == len(group) - 1 else acc.no_sync(model)  # DDP: all-reduce once
+                with sync, acc.autocast():
+                    out = objective(model, batch)
+                    loss = out.loss_sum / max(denom, 1)
+                acc.backward(loss)
+                prog["run_loss"] += float(out.loss_sum.detach())
+                prog["run_count"] += out.count
+                tokens_seen += int(batch["attention_mask"].sum())
+            if t.max_grad_norm is not None:
+                acc.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            prog["step"] += 1
+            prog["batch"] += len(group)
+            step = prog["step"]
+            epoch_float = round(prog["epoch"] + prog["batch"] / len(order), 3)
+            epoch_done = prog["batch"] >= len(order)
+            if epoch_done:  # the checkpoint below must point at the next epoch's start
+                prog.update(epoch=prog["epoch"] + 1, batch=0)
+
+            # ---- logging ----
+            elapsed = time.perf_counter() - start
+            if step % t.log_every == 0 or step == total_steps:
+                log({"kind": "train", "step": step, "epoch": epoch_float,
+                     "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
+                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
+                                tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+                prog.update(run_loss=0.0, run_count=0)
+            bar.update(1)
+
+            # ---- evaluate, keep best, checkpoint, early stopping ----
+            if step % eval_every == 0 or step == total_steps or (t.eval_every == "epoch" and epoch_done):
+                row: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch_float}
+                if val is not None:
+                    m = score_features(model, val.features, cfg.task, data.labels, pad_id, acc, cfg.eval.batch_size)
+                    row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+                    if _improved(row[metric], prog["best_value"], greater):
+                        prog.update(best_value=row[metric], best_step=step, bad_evals=0)
+                        _save_best(run_dir, model, acc)
+                    else:
+                        prog["bad_evals"] += 1
+                    stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
+                    row["early_stop"] = stop
+                    bar.write(f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in ("loss", metric) if k in row))
+                log(row)
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog))
+                ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
+                emit({"kind": "checkpoint", "step": step})
+            if cancel is not None and cancel.is_set():
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog))
+                bar.close()
+                raise TrainingCancelled(f"cancelled at step {step}; resume with --resume")
+            if epoch_done:
+                break  # next epoch: a new order
+    bar.close()
+    return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
+                     stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
+
+
+def _save_best(run_dir: Path, model, acc: Accelerator) -> None:
+    from tunesmith.methods import trainable_state
+
+    best = run_dir / "checkpoints" / "best"
+    tmp = run_dir / "checkpoints" / ".best-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(trainable_state(acc.unwrap_model(model)), tmp / "weights.pt")
+    if best.exists():
+        shutil.rmtree(best)
+    tmp.rename(best)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
