@@ -171,3 +171,14 @@ def test_data_check_cli(tmp_path, tiny_llama, capsys):
 def test_config_doc_cli(capsys):
     assert run(["config", "--doc"]) == 0
     assert "train.lr = 0.0005" in capsys.readouterr().out
+
+
+def test_eval_base_model_cli(tmp_path, tiny_llama, qa_rows, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows[:8])
+    out_json = tmp_path / "ev.json"
+    assert run(["eval", str(tiny_llama), "--data", str(data), "--task=sft", "--eval.max_new_tokens=3",
+                "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "Evaluated 8 examples." in out and "| perplexity |" in out and "| contains |" in out
+    result = json.loads(out_json.read_text())
+    assert result["metrics"]["tokens"] > 0 and len(result["generations"]) == 8

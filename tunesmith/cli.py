@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -72,11 +73,11 @@ def run(argv: list[str]) -> int:
 
         train(args.config, rest, resume=args.resume)
     elif args.command == "eval":
-        from tunesmith.evaluate.report import comparison_markdown
+        from tunesmith.evaluate.report import single_markdown
         from tunesmith.runs import evaluate
 
         result = evaluate(args.model, args.data, args.config, rest)
-        print(comparison_markdown(None, result).replace("| before ", "| ").replace("| - |", "|"))
+        print(single_markdown(result))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
     elif args.command == "predict":
@@ -117,6 +118,8 @@ def _no_overrides(rest: list[str]) -> None:
 
 
 def main() -> None:
+    # peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         sys.exit(run(sys.argv[1:]))
     except TunesmithError as e:

@@ -39,6 +39,15 @@ def comparison_markdown(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def single_markdown(result: dict) -> str:
+    """One model's evaluation (for `tunesmith eval`): headline metrics and sample outputs."""
+    lines = [f"Evaluated {result['examples']} examples.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(result['metrics'][k])} |" for k in _HEADLINE if k in result["metrics"]]
+    lines += ["", "| input | output |", "|---|---|"]
+    lines += [f"| {_short(s['input'], 70).replace('|', '/')} | {_cell(s)} |" for s in result["samples"]]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict) -> str:
     """Write eval_report.json and eval_report.md; returns the Markdown."""
     (run_dir / "eval_report.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=2))

@@ -65,6 +65,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, progress: dict[st
         torch.save(trainable_state(model), tmp / "weights.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "progress": progress}, tmp / "state.pt")
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
