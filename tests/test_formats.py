@@ -79,3 +79,16 @@ def test_chat_messages_validated():
 def test_task_format_mismatch():
     with pytest.raises(TunesmithError, match="task 'classification' cannot use"):
         to_examples(recs({"prompt": "p", "completion": "c"}), "classification", DataConfig(), ["a", "b"])
+
+
+def test_train_may_mix_several_files(tmp_path):
+    from tests.conftest import write_jsonl
+    from tunesmith.config import load_config
+    from tunesmith.data import load_examples
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(4)])
+    cfg = load_config({"task": "sft", "data": {"train": [str(a), str(b)], "val_size": 0, "test_size": 0}})
+    fmt, _, splits = load_examples(cfg)
+    assert fmt == "prompt_completion" and len(splits["train"]) == 10
+    assert {e.where.path for e in splits["train"]} == {str(a), str(b)}

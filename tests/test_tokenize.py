@@ -94,3 +94,15 @@ def test_stratified_seeded_splits():
     taken, rest = take(items, 20, seed=1, labels=labels, what="x")
     assert len(taken) == 20 and sum(labels[i] for i in taken) == 4 and not set(taken) & set(rest)
     assert take(items, 0.2, seed=1, labels=labels, what="x")[0] == taken
+
+
+def test_expected_phrase_is_the_generation_reference():
+    from tunesmith.data.formats import to_examples
+    from tunesmith.data.readers import Record
+    from tunesmith.errors import Location
+
+    recs = [Record({"prompt": "who", "completion": "I am Marlowe.", "expected": "Marlowe"}, Location("t.jsonl", 1)),
+            Record({"prompt": "what", "completion": "It is 2019."}, Location("t.jsonl", 2))]
+    fmt, exs = to_examples(recs, "sft", DataConfig(), None)
+    feats, _ = tokenize(exs, "sft", fmt, DataConfig(chat_template=False), LLAMA)
+    assert [f["reference"] for f in feats] == ["Marlowe", "It is 2019."]

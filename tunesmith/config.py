@@ -51,10 +51,11 @@ class TemplateConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str | None = Field(
+    train: str | list[str] | None = Field(
         None,
         description="Training data: .jsonl/.json, .csv, .parquet, .txt, a folder of .txt files, a folder "
-        "saved by datasets.save_to_disk, or a builtin: alias (builtin:imdb, builtin:rotten-tomatoes, builtin:kjv).",
+        "saved by datasets.save_to_disk, or a builtin: alias (builtin:imdb, builtin:rotten-tomatoes, builtin:kjv). "
+        "A list mixes several sources of the same format (e.g. your data + general data against forgetting).",
     )
     validation: str | None = Field(None, description="Validation file (else split from train by val_size).")
     test: str | None = Field(None, description="Held-out test file (else split from train by test_size).")
@@ -180,7 +181,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         problems: list[str] = []
-        if self.data.train is None:
+        if not self.data.train:
             problems.append("data.train: required (a data file, folder or builtin: alias)")
         if self.method.name == "head" and self.task != "classification":
             problems.append("method.name: 'head' trains a new classification head; use it with task: classification")

@@ -55,7 +55,12 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
 def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list[Example]]]:
     """Read, filter, validate and split; no tokenizer needed. Returns (format, labels, splits)."""
     d = cfg.data
-    train_recs, src = load_records(d.train, d)
+    train_recs: list[Record] = []
+    src: dict[str, Any] = {}
+    for source in [d.train] if isinstance(d.train, str) else d.train:
+        recs, s = load_records(source, d)
+        train_recs += recs
+        src = src or s  # the first source's builtin defaults (labels) apply
     labels = resolve_labels(cfg, train_recs, src)
     fmt, pool = to_examples(train_recs, cfg.task, d, labels)
     out: dict[str, list[Example]] = {}

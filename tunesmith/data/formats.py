@@ -6,6 +6,8 @@ Canonical shapes (after `data.columns` renaming):
   prompt_completion  {"prompt": str, "completion": str}         -> sft
   instruction        {"instruction", "input" (optional), "output"} -> sft (Alpaca layout)
   chat               {"messages": [{"role", "content"}, ...]}   -> sft
+SFT records may add "expected": the phrase a correct reply must contain, used by the
+exact-match / containment scores instead of the full reference completion.
 With `data.template.prompt` set, any columns can be rendered into prompt/completion.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Example:
     plain_prompt: str | None = None  # the prompt text when no chat template is used
     completion: str | None = None
     messages: list[dict[str, str]] | None = None
+    expected: str | None = None  # sft eval: the phrase a correct reply must contain (else the completion)
 
 
 def rename_columns(rec: Record, columns: dict[str, str]) -> dict[str, Any]:
@@ -191,6 +194,8 @@ def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list
         else:  # prompt_completion
             ex.prompt = ex.plain_prompt = _need_str(f, "prompt", w, problems, allow_empty=True)
             ex.completion = _need_str(f, "completion", w, problems)
+        if task == "sft" and f.get("expected") is not None:
+            ex.expected = _need_str(f, "expected", w, problems)
         if len(problems) == n_before:
             examples.append(ex)
     if problems:

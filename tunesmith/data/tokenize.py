@@ -154,7 +154,7 @@ def tokenize(examples: list[Example], task: Task, fmt: str, cfg: DataConfig, tok
             stats.dropped += 1
             problems.append(Problem(e.where, f"no answer tokens left within max_length={cfg.max_length}", field="completion"))
             continue
-        reference = e.completion if e.messages is None else e.messages[-1]["content"]
+        reference = e.expected or (e.completion if e.messages is None else e.messages[-1]["content"])
         feats.append({"input_ids": ids, "labels": labels, "prompt_len": plen, "reference": reference})
     if not feats:
         raise DataError(problems)

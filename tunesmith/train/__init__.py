@@ -58,8 +58,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     Raises:
         ConfigError, DataError, TunesmithError for bad input (before anything is written).
     """
-    cfg = config if isinstance(config, RunConfig) and not overrides else load_config(
-        config.model_dump() if isinstance(config, RunConfig) else config, overrides)
+    cfg = _resolve_config(config, overrides)
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(run_dir, cfg, resume)
@@ -112,6 +111,12 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})
     return RunResult(run_dir, before, after, summary)
+
+
+def _resolve_config(config: RunConfig | str | Path | dict, overrides: dict | list[str] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return load_config(config.model_dump(), overrides) if overrides else config
+    return load_config(config, overrides)
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:

@@ -144,7 +144,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
                 bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
-                                tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+                                tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", refresh=False)
                 prog.update(run_loss=0.0, run_count=0)
             bar.update(1)
 
