@@ -79,7 +79,11 @@ def tiny_llama(tmp_path_factory) -> Path:
                       num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                       tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    model = LlamaForCausalLM(cfg)
+    # Random std-0.02 embeddings tied to a frozen output layer cap the logits near zero, so an
+    # adapter could never make a confident prediction; pretrained embeddings have real scale.
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

@@ -91,6 +91,8 @@ def sample_inputs(cfg: RunConfig, data: PreparedData) -> list[str]:
 def predict_texts(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool, labels: list[str] | None,
                   acc: Accelerator) -> list[dict]:
     """Classify texts (label + probability) or generate answers to prompts, as the run was trained."""
+    if not texts:
+        return []
     if cfg.task == "classification":
         was_training = model.training
         model.eval()
