@@ -106,7 +106,7 @@ class DataConfig(_Section):
 
 class MethodConfig(_Section):
     name: Literal["full", "head", "lora"] = Field(
-        "lora", description="What trains: full (all weights), head (new head [+ top layers]), lora (peft LoRA)."
+        "lora", description="What trains: full (all weights), head (new classifier + pooler, frozen body [+ top N blocks]), lora (peft LoRA)."
     )
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")

@@ -61,6 +61,11 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
         model.requires_grad_(False)
         for name in head_module_names(model):
             getattr(model, name).requires_grad_(True)
+        for name, module in model.named_modules():
+            # BERT-style poolers (dense + tanh on [CLS]) were trained for next-sentence prediction
+            # and sit between the body and the new classifier: they belong to the task head.
+            if name.endswith("pooler"):
+                module.requires_grad_(True)
         if cfg.unfreeze_top_layers:
             blocks = transformer_blocks(model)
             if cfg.unfreeze_top_layers > len(blocks):
