@@ -55,7 +55,7 @@ def test_best_metric_direction():
 def test_field_docs_cover_every_field():
     text = "\n".join(describe_fields())
     for section in ("model", "data", "method", "train", "eval", "output"):
-        for name in getattr(RunConfig.model_fields[section].annotation, "model_fields"):
+        for name in RunConfig.model_fields[section].annotation.model_fields:
             assert f"{section}.{name} =" in text or f"[{section}.{name}]" in text
 
 

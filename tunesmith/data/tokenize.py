@@ -131,7 +131,9 @@ def tokenize(examples: list[Example], task: Task, fmt: str, cfg: DataConfig, tok
     stats = TokenStats()
     feats: list[dict[str, Any]] = []
     if task == "classification":
-        enc = tokenizer([e.text for e in examples], add_special_tokens=True, truncation=False)["input_ids"]
+        # Untruncated on purpose (to count lengths and cut by our own rule); verbose=False drops the
+        # tokenizer's "longer than the maximum ... indexing errors" warning, which does not apply.
+        enc = tokenizer([e.text for e in examples], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         tokenizer.truncation_side = cfg.truncation_side
         for e, ids in zip(examples, enc):
             stats.lengths.append(len(ids))
@@ -173,7 +175,7 @@ def _truncate_keep_specials(ids: list[int], max_len: int, side: str, tokenizer) 
 
 def _tokenize_cpt(examples: list[Example], cfg: DataConfig, tokenizer, stats: TokenStats):
     eos = tokenizer.eos_token_id
-    docs = tokenizer([e.text for e in examples], add_special_tokens=True)["input_ids"]
+    docs = tokenizer([e.text for e in examples], add_special_tokens=True, verbose=False)["input_ids"]
     stats.lengths = [len(d) for d in docs]
     block = cfg.max_length
     blocks: list[list[int]] = []
