@@ -26,7 +26,7 @@ LR = {"lora": 3e-3, "head": 1e-2, "full": 3e-3}
 def _cls_config(tmp_path, tiny_bert, data, method, **train):
     return _config(tmp_path, task="classification", model={"name_or_path": str(tiny_bert)},
                    data={"train": str(data), "val_size": 32, "test_size": 32, "max_length": 32},
-                   method={"name": method, "r": 8, "target_modules": "all-linear", "unfreeze_top_layers": 2},
+                   method={"name": method, "r": 8, "target_modules": "all-linear", "unfreeze_top_layers": 1},
                    train={"epochs": 25, "batch_size": 16, "lr": LR[method], "log_every": 5, **train},
                    eval={"samples": ["a great film", "an awful film"]},
                    output={"dir": str(tmp_path / "runs" / "{name}"), "name": method})
