@@ -116,11 +116,12 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             denom = sum(count_items(cfg.task, b) for b in group)  # loss normaliser for the whole step
             for k, batch in enumerate(group):
                 batch = {n: v.to(acc.device) for n, v in batch.items()}
-                sync = nullcontext() if k == len(group) - 1 else acc.no_sync(model)  # DDP: all-reduce once
-                with sync, acc.autocast():
-                    out = objective(model, batch)
-                    loss = out.loss_sum / max(denom, 1)
-                acc.backward(loss)
+                # DDP: gradients all-reduce once per step, on the last micro-batch's backward.
+                with nullcontext() if k == len(group) - 1 else acc.no_sync(model):
+                    with acc.autocast():
+                        out = objective(model, batch)
+                        loss = out.loss_sum / max(denom, 1)
+                    acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
                 prog["run_count"] += out.count
                 tokens_seen += int(batch["attention_mask"].sum())
