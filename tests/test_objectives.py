@@ -91,3 +91,26 @@ def test_resume_equals_uninterrupted(tiny_llama, qa_rows, tmp_path):
     lr = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert len(lf) > 6 and any(r["kind"] == "eval" for r in lf)
     assert [(r["kind"], r["step"], round(r["loss"], 5)) for r in lf] == [(r["kind"], r["step"], round(r["loss"], 5)) for r in lr]
+
+
+def test_resume_refuses_a_changed_config(tiny_llama, qa_rows, tmp_path):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.train import train
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    train(_cfg(tiny_llama, data, tmp_path / "r", batch_size=4, max_steps=2))
+    with pytest.raises(TunesmithError, match=r"differs from the run's config.yaml in train.lr"):
+        train(_cfg(tiny_llama, data, tmp_path / "r", batch_size=4, max_steps=2, lr=0.5), resume=True)
+
+
+def test_overwrite_keeps_old_run_when_new_config_is_bad(tiny_llama, qa_rows, tmp_path):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.train import train
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    first = train(_cfg(tiny_llama, data, tmp_path / "r", batch_size=4, max_steps=1)).run_dir
+    bad = _cfg(tiny_llama, tmp_path / "missing.jsonl", tmp_path / "r", batch_size=4, max_steps=1)
+    bad.output.overwrite = True
+    with pytest.raises(TunesmithError, match="data file not found"):
+        train(bad)
+    assert (first / "run.json").is_file()

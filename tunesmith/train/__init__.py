@@ -77,6 +77,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     acc, precision = make_accelerator(cfg.train)
     _say(f"device {acc.device}, precision {precision}, threads {torch.get_num_threads()}", on_event)
 
+    if resume_from is None and run_dir.exists():
+        shutil.rmtree(run_dir)  # output.overwrite: replaced only now that the new run has loaded
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,13 +126,27 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
         last = ckpt.latest_checkpoint(run_dir)
         if last is None:
             raise TunesmithError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        changed = _config_changes(load_config(run_dir / "config.yaml").model_dump(), cfg.model_dump())
+        if changed:
+            raise TunesmithError(f"--resume: the config differs from the run's config.yaml in "
+                                 f"{', '.join(changed)}; resume with the same settings")
         return last
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise TunesmithError(f"run folder {run_dir} already exists; use --output.overwrite=true, "
-                                 f"another --output.name, or --resume")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        raise TunesmithError(f"run folder {run_dir} already exists; use --output.overwrite=true, "
+                             f"another --output.name, or --resume")
     return None
+
+
+def _config_changes(saved: dict, now: dict) -> list[str]:
+    """Dotted names of settings that differ; eval and output settings may change on resume."""
+    changed = []
+    for section in ("task", "model", "data", "method", "train"):
+        a, b = saved[section], now[section]
+        if isinstance(a, dict):
+            changed += [f"{section}.{k}" for k in a if a[k] != b.get(k)]
+        elif a != b:
+            changed.append(section)
+    return changed
 
 
 def _eval_split(data: PreparedData) -> str:
