@@ -65,11 +65,12 @@ def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list
     fmt, pool = to_examples(train_recs, cfg.task, d, labels)
     out: dict[str, list[Example]] = {}
     strat = (lambda xs: [e.label for e in xs]) if (cfg.task == "classification" and d.stratify) else (lambda xs: None)
-    for name, path, size in (("test", d.test, d.test_size), ("validation", d.validation, d.val_size)):
+    for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
+                                  ("validation", d.validation, d.val_size, "data.val_size")):
         if path:
             out[name] = to_examples(load_records(path, d)[0], cfg.task, d, labels)[1]
         else:
-            taken, pool = take(pool, size, d.seed, strat(pool), f"data.{name[:4] if name == 'test' else 'val'}_size")
+            taken, pool = take(pool, size, d.seed, strat(pool), key)
             if taken:
                 out[name] = taken
     if d.train_size is not None and _smaller(d.train_size, len(pool)):
