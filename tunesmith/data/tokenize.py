@@ -135,11 +135,12 @@ def tokenize(examples: list[Example], task: Task, fmt: str, cfg: DataConfig, tok
         # tokenizer's "longer than the maximum ... indexing errors" warning, which does not apply.
         enc = tokenizer([e.text for e in examples], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         tokenizer.truncation_side = cfg.truncation_side
+        specials = set(tokenizer.all_special_ids)  # a property that builds a list: once, not per example
         for e, ids in zip(examples, enc):
             stats.lengths.append(len(ids))
             if len(ids) > cfg.max_length:
                 stats.truncated += 1
-                ids = _truncate_keep_specials(ids, cfg.max_length, cfg.truncation_side, tokenizer)
+                ids = _truncate_keep_specials(ids, cfg.max_length, cfg.truncation_side, specials)
             feats.append({"input_ids": ids, "label": e.label})
         return feats, stats
     if task == "cpt":
@@ -163,10 +164,10 @@ def tokenize(examples: list[Example], task: Task, fmt: str, cfg: DataConfig, tok
     return feats, stats
 
 
-def _truncate_keep_specials(ids: list[int], max_len: int, side: str, tokenizer) -> list[int]:
+def _truncate_keep_specials(ids: list[int], max_len: int, side: str, specials: set[int]) -> list[int]:
     """Truncate while keeping a leading CLS/BOS and trailing SEP/EOS the tokenizer added."""
-    head = ids[:1] if ids and ids[0] in tokenizer.all_special_ids else []
-    tail = ids[-1:] if ids and ids[-1] in tokenizer.all_special_ids else []
+    head = ids[:1] if ids and ids[0] in specials else []
+    tail = ids[-1:] if ids and ids[-1] in specials else []
     body = ids[len(head): len(ids) - len(tail)]
     keep = max_len - len(head) - len(tail)
     body = body[-keep:] if side == "left" else body[:keep]
