@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import RunConfig, load_config, parse_overrides
-from tunesmith.data import PreparedData, Split, load_records, resolve_labels
-from tunesmith.data.formats import to_examples
-from tunesmith.data.tokenize import tokenize, use_chat_template
+from tunesmith.data import prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model, predict_texts
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
@@ -23,6 +21,7 @@ class LoadedModel:
     tokenizer: object
     cfg: RunConfig
     labels: list[str] | None
+    chat: bool  # prompts go through the tokenizer's chat template
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -49,7 +48,7 @@ def load_run(run_dir: str | Path) -> LoadedModel:
         tok = load_tokenizer(str(run_dir / "model"))
         model = load_model(str(run_dir / "model"), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)
     model.eval()
-    return LoadedModel(model, tok, cfg, labels)
+    return LoadedModel(model, tok, cfg, labels, bool(info.get("chat_template")))
 
 
 def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | dict | None = None,
@@ -62,25 +61,25 @@ def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | di
         {"split", "examples", "metrics", "samples"[, "generations"]} as in the run report.
     """
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    ov["data.train"] = str(data)
-    model = labels = None
+    # The whole file is the evaluation set: no splitting, no sampling.
+    ov.update({"data.train": str(data), "data.validation": None, "data.test": None,
+               "data.train_size": None, "data.val_size": 0, "data.test_size": 0})
+    model = None
     if is_run_dir(run_or_model):
         loaded = load_run(run_or_model)
+        if loaded.labels:
+            ov["data.labels"] = loaded.labels  # the trained head's classes, in its order
         cfg = load_config(config or str(Path(run_or_model) / "config.yaml"), ov)
-        model, tokenizer, labels = loaded.model, loaded.tokenizer, loaded.labels
+        model, tokenizer = loaded.model, loaded.tokenizer
     else:
         ov["model.name_or_path"] = str(run_or_model)
         cfg = load_config(config, ov)
         tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-    records, src = load_records(str(data), cfg.data)
-    labels = labels or resolve_labels(cfg, records, src)
-    fmt, examples = to_examples(records, cfg.task, cfg.data, labels)
-    feats, stats = tokenize(examples, cfg.task, fmt, cfg.data, tokenizer)
+    prepared = prepare_data(cfg, tokenizer)
+    prepared.splits = {"test": prepared.splits["train"]}
     if model is None:
-        model = load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels,
+        model = load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, prepared.labels,
                            cfg.model.trust_remote_code, tokenizer.pad_token_id)
-    chat = cfg.task == "sft" and use_chat_template(cfg.data, fmt, tokenizer)
-    prepared = PreparedData(fmt, labels, chat, {"test": Split(examples, feats, stats)})
     acc, _ = make_accelerator(cfg.train)
     model.to(acc.device)
     return evaluate_model(model, tokenizer, prepared, cfg, acc, "test")
@@ -92,7 +91,6 @@ def predict(run: str | Path, texts: list[str], max_new_tokens: int | None = None
     cfg = loaded.cfg
     if max_new_tokens:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": max_new_tokens})})
-    info = json.loads((Path(run) / "run.json").read_text())
     acc, _ = make_accelerator(cfg.train)
     loaded.model.to(acc.device)
-    return predict_texts(loaded.model, loaded.tokenizer, texts, cfg, bool(info.get("chat_template")), loaded.labels, acc)
+    return predict_texts(loaded.model, loaded.tokenizer, texts, cfg, loaded.chat, loaded.labels, acc)

@@ -33,14 +33,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
-    """Atomically write a checkpoint folder (weights.pt + state.pt)."""
+def save_checkpoint(folder: Path, model, optimizer=None, scheduler=None, progress: dict[str, Any] | None = None) -> None:
+    """Atomically write a checkpoint folder: weights.pt, plus state.pt when an optimizer is given
+    (without one it is a weights-only copy, as kept for the best validation step)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
         torch.save(trainable_state(model), tmp / "weights.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "progress": progress}, tmp / "state.pt")
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(), "progress": progress}, tmp / "state.pt")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
         if folder.exists():
             shutil.rmtree(folder)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import threading
 import time
@@ -157,7 +156,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
                     if _improved(row[metric], prog["best_value"], greater):
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)
-                        _save_best(run_dir, model, acc)
+                        ckpt.save_checkpoint(run_dir / "checkpoints" / "best", acc.unwrap_model(model))
                     else:
                         prog["bad_evals"] += 1
                     stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
@@ -176,18 +175,6 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     bar.close()
     return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
                      stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
-
-
-def _save_best(run_dir: Path, model, acc: Accelerator) -> None:
-    from tunesmith.methods import trainable_state
-
-    best = run_dir / "checkpoints" / "best"
-    tmp = run_dir / "checkpoints" / ".best-tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(trainable_state(acc.unwrap_model(model)), tmp / "weights.pt")
-    if best.exists():
-        shutil.rmtree(best)
-    tmp.rename(best)
 
 
 def _truncate_log(path: Path, step: int) -> None:
