@@ -21,12 +21,14 @@ def _config(tmp_path: Path, **sections) -> Path:
 
 # A random-init tiny model needs more steps than a pretrained one; at ~50 steps/s that is cheap.
 LR = {"lora": 3e-3, "head": 1e-2, "full": 3e-3}
+METHOD_OPTIONS = {"lora": {"name": "lora", "r": 8, "target_modules": "all-linear"}, "full": {"name": "full"},
+                  "head": {"name": "head", "unfreeze_top_layers": 1}}
 
 
 def _cls_config(tmp_path, tiny_bert, data, method, **train):
     return _config(tmp_path, task="classification", model={"name_or_path": str(tiny_bert)},
                    data={"train": str(data), "val_size": 32, "test_size": 32, "max_length": 32},
-                   method={"name": method, "r": 8, "target_modules": "all-linear", "unfreeze_top_layers": 1},
+                   method=METHOD_OPTIONS[method],
                    train={"epochs": 25, "batch_size": 16, "lr": LR[method], "log_every": 5, **train},
                    eval={"samples": ["a great film", "an awful film"]},
                    output={"dir": str(tmp_path / "runs" / "{name}"), "name": method})

@@ -104,19 +104,105 @@ class DataConfig(_Section):
     seed: int = Field(42, description="Seed for splitting and shuffling data.")
 
 
+MethodName = Literal["full", "head", "lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "prompt", "ptuning",
+                     "adapter", "bitfit", "selective"]
+LORA_FAMILY = frozenset({"lora", "dora", "qlora", "loha", "lokr"})
+PEFT_METHODS = LORA_FAMILY | {"ia3", "prefix", "prompt", "ptuning"}
+PROMPT_METHODS = frozenset({"prefix", "prompt", "ptuning"})
+
+# Which methods each option belongs to, and its default when unset. Options are None in the
+# config until a user sets them, so a saved config round-trips and an option given to a method
+# it does not belong to (r for prompt tuning, say) is an error instead of being ignored.
+_METHOD_OPTIONS: dict[str, tuple[frozenset[str], Any]] = {
+    "r": (LORA_FAMILY, 8),
+    "alpha": (LORA_FAMILY, 16.0),
+    "dropout": (LORA_FAMILY | {"adapter"}, None),  # resolved per method below
+    "target_modules": (LORA_FAMILY | {"ia3"}, "all-linear"),
+    "layers": (LORA_FAMILY | {"ia3", "adapter", "selective"}, None),
+    "rslora": (frozenset({"lora", "dora", "qlora"}), False),
+    "init": (frozenset({"lora", "dora", "qlora"}), "default"),
+    "quantize": (frozenset({"lora", "dora", "qlora"}), None),
+    "double_quant": (frozenset({"lora", "dora", "qlora"}), True),
+    "feedforward_modules": (frozenset({"ia3"}), None),
+    "num_virtual_tokens": (PROMPT_METHODS, 20),
+    "prompt_init_text": (frozenset({"prompt"}), None),
+    "encoder_hidden_size": (frozenset({"ptuning"}), 128),
+    "prefix_projection": (frozenset({"prefix"}), False),
+    "adapter_size": (frozenset({"adapter"}), 64),
+    "placement": (frozenset({"adapter"}), "pfeiffer"),
+    "modules": (frozenset({"selective"}), None),
+    "unfreeze_top_layers": (frozenset({"head", "selective"}), 0),
+}
+
+
 class MethodConfig(_Section):
-    name: Literal["full", "head", "lora"] = Field(
-        "lora", description="What trains: full (all weights), head (new classifier + pooler, frozen body [+ top N blocks]), lora (peft LoRA)."
+    name: MethodName = Field(
+        "lora",
+        description="What trains. full: all weights. head: new classifier + pooler (transfer learning). "
+        "lora / dora (weight-decomposed LoRA) / qlora (LoRA on a 4-bit NF4 base) / loha / lokr: low-rank updates. "
+        "ia3: learned rescaling vectors. prefix: per-layer key/value prefixes. prompt: soft prompt tokens. "
+        "ptuning: soft prompt from a small encoder. adapter: bottleneck adapters in each block. "
+        "bitfit: bias terms only. selective: named parameters and/or chosen blocks.",
     )
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt (e.g. [query, value]) or 'all-linear'."
-    )
-    layers: list[int] | None = Field(None, description="LoRA: only these layer indices (default: all).")
-    train_head: bool = Field(True, description="LoRA on a classifier: also train the new head (needed: it starts random).")
-    unfreeze_top_layers: int = Field(0, ge=0, description="head: also train the top N transformer blocks.")
+    r: int | None = Field(None, ge=1, description="[lora family] Rank of the update (default 8).")
+    alpha: float | None = Field(None, gt=0, description="[lora family] Scale: the update is multiplied by alpha/r "
+                                "(alpha/sqrt(r) with rslora). Default 16.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="[lora family, adapter] Dropout on the adapter input "
+                                  "(default 0.05 for LoRA, 0.0 for adapter).")
+    target_modules: list[str] | str | None = Field(
+        None, description="[lora family, ia3] Module names to adapt (e.g. [query, value]) or 'all-linear' "
+        "(default; for ia3 the default is peft's per-architecture choice).")
+    layers: list[int] | None = Field(None, description="[lora family, ia3, adapter, selective] Only these block indices (default: all).")
+    rslora: bool | None = Field(None, description="[lora, dora, qlora] Rank-stabilised scaling alpha/sqrt(r) (default false).")
+    init: Literal["default", "gaussian", "pissa", "olora"] | None = Field(
+        None, description="[lora, dora, qlora] Adapter initialisation: default (Kaiming A, zero B), gaussian, "
+        "pissa (principal singular vectors; moves them out of the base weight), olora (QR-based). Default: default.")
+    quantize: Literal["none", "nf4", "fp4", "int8"] | None = Field(
+        None, description="[lora, dora, qlora] Load the frozen base quantised with bitsandbytes: nf4/fp4 (4-bit) or "
+        "int8. Default: nf4 for qlora, none otherwise.")
+    double_quant: bool | None = Field(None, description="[4-bit] Also quantise the quantisation constants (default true).")
+    feedforward_modules: list[str] | None = Field(
+        None, description="[ia3] Which target modules are feed-forward (scaled on their input, not output).")
+    num_virtual_tokens: int | None = Field(None, ge=1, description="[prefix, prompt, ptuning] Virtual tokens (default 20).")
+    prompt_init_text: str | None = Field(
+        None, description="[prompt] Initialise the soft prompt from this text's token embeddings (default: random).")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="[ptuning] Hidden size of the prompt encoder MLP (default 128).")
+    prefix_projection: bool | None = Field(None, description="[prefix] Reparametrise prefixes through an MLP (default false).")
+    adapter_size: int | None = Field(None, ge=1, description="[adapter] Bottleneck width (default 64).")
+    placement: Literal["houlsby", "pfeiffer"] | None = Field(
+        None, description="[adapter] pfeiffer (default): one adapter after each feed-forward sublayer; "
+        "houlsby: after both the attention and the feed-forward sublayer.")
+    modules: list[str] | None = Field(
+        None, description="[selective] Regular expressions; parameters whose name matches one train (e.g. ['LayerNorm', 'attention\\.output']).")
+    train_head: bool = Field(True, description="Classification with a method other than full: also train the new head "
+                             "(needed: it starts random).")
+    unfreeze_top_layers: int | None = Field(None, ge=0, description="[head, selective] Also train the top N transformer blocks.")
+
+    @model_validator(mode="after")
+    def _options_belong_to_method(self) -> "MethodConfig":
+        wrong = [f"method.{k}: not an option of method '{self.name}' (it belongs to {', '.join(sorted(methods))})"
+                 for k, (methods, _) in _METHOD_OPTIONS.items()
+                 if getattr(self, k) is not None and self.name not in methods]
+        if self.name == "qlora" and self.quantize in ("none", "int8"):
+            wrong.append("method.quantize: qlora means a 4-bit base; use nf4/fp4, or method lora with quantize int8")
+        if self.double_quant is not None and self.opt("quantize") not in ("nf4", "fp4"):
+            wrong.append("method.double_quant: only applies to a 4-bit base (quantize nf4 or fp4)")
+        if self.name == "selective" and not (self.modules or self.layers or self.unfreeze_top_layers):
+            wrong.append("method.selective: say what trains with modules, layers and/or unfreeze_top_layers")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
+
+    def opt(self, key: str) -> Any:
+        """An option's value, or its default for this method."""
+        value = getattr(self, key)
+        if value is not None:
+            return value
+        if key == "dropout":
+            return 0.0 if self.name == "adapter" else 0.05
+        if key == "quantize":
+            return "nf4" if self.name == "qlora" else "none"
+        return _METHOD_OPTIONS[key][1]
 
 
 class TrainConfig(_Section):
@@ -144,6 +230,9 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     log_every: int = Field(10, ge=1, description="Record training loss every N steps.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch); adamw_8bit keeps optimizer state in 8 bits (bitsandbytes); paged_* "
+        "page optimizer state to CPU memory under GPU memory pressure (CUDA only; on CPU the unpaged one is used, with a note).")
 
 
 class EvalConfig(_Section):

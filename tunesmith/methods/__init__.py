@@ -1,18 +1,21 @@
-"""Which parameters train: full, head (transfer learning), or LoRA via peft.
+"""Which parameters train. `apply_method(model, cfg, task)` returns the model to train; the
+loop, checkpoints and evaluation only look at `requires_grad`, so methods live here alone.
 
-`apply_method` returns the model to train; everything else in tunesmith only looks at
-`requires_grad`, so new methods (issue: every PEFT method) slot in here alone.
+  full, head, bitfit, selective -> selective.py   (a subset of the model's own weights)
+  lora family, ia3, prefix, prompt, ptuning -> peft_methods.py   (peft adapters)
+  adapter -> bottleneck.py   (our Houlsby / Pfeiffer bottleneck adapters)
+Quantised bases (QLoRA, LoRA + int8) are loaded by models/quant.py before a method applies.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from tunesmith.config import MethodConfig, Task
+from tunesmith.config import PEFT_METHODS, MethodConfig, Task
 from tunesmith.errors import TunesmithError
-from tunesmith.models.load import head_module_names
 
 
 @dataclass
@@ -32,14 +35,12 @@ class ParamReport:
 
 
 def param_report(model: nn.Module) -> ParamReport:
-    seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():  # parameters() already de-duplicates tied weights
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        # bitsandbytes packs two 4-bit weights per uint8 element: count the real weights.
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
     return ParamReport(trainable, total)
 
 
@@ -51,50 +52,54 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
+def saved_as(method: str) -> str:
+    """Run sub-folder a method's result is saved in: adapter (peft), bottleneck (ours) or model (transformers)."""
+    return "adapter" if method in PEFT_METHODS else "bottleneck" if method == "adapter" else "model"
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path: str | None = None) -> nn.Module:
     """Freeze / wrap `model` according to the method. Returns the model to train."""
+    from tunesmith.methods import selective
+
     if cfg.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return model
     if cfg.name == "head":
+        return selective.apply_head(model, cfg)
+    if cfg.name == "bitfit":
+        return selective.apply_bitfit(model, cfg, task)
+    if cfg.name == "selective":
+        return selective.apply_selective(model, cfg, task)
+    if cfg.name == "adapter":
+        from tunesmith.methods.bottleneck import add_bottleneck_adapters
+
         model.requires_grad_(False)
-        for name in head_module_names(model):
-            getattr(model, name).requires_grad_(True)
-        for name, module in model.named_modules():
-            # BERT-style poolers (dense + tanh on [CLS]) were trained for next-sentence prediction
-            # and sit between the body and the new classifier: they belong to the task head.
-            if name.endswith("pooler"):
-                module.requires_grad_(True)
-        if cfg.unfreeze_top_layers:
-            blocks = transformer_blocks(model)
-            if cfg.unfreeze_top_layers > len(blocks):
-                raise TunesmithError(f"method.unfreeze_top_layers={cfg.unfreeze_top_layers} but the model has {len(blocks)} blocks")
-            for block in list(blocks)[-cfg.unfreeze_top_layers:]:
-                block.requires_grad_(True)
+        add_bottleneck_adapters(model, cfg.opt("adapter_size"), cfg.opt("placement"), cfg.opt("dropout"), cfg.layers)
+        if task == "classification" and cfg.train_head:
+            selective.train_head(model)
         return model
-    return _apply_lora(model, cfg, task)
+    from tunesmith.methods.peft_methods import apply_peft
+
+    return apply_peft(model, cfg, task, tokenizer_path)
 
 
-def _apply_lora(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def check_gradients_reach(model: nn.Module, batch: dict[str, torch.Tensor],
+                          loss_fn: Callable[[nn.Module, dict], "LossOut"], method: str) -> None:
+    """One forward/backward on a real batch: every trainable parameter must get a gradient.
 
-    modules_to_save = head_module_names(model) if (task == "classification" and cfg.train_head) else None
-    lcfg = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        layers_to_transform=cfg.layers,
-        modules_to_save=modules_to_save,
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
-    )
-    try:
-        return get_peft_model(model, lcfg)
-    except ValueError as e:  # peft reports unknown target modules this way
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise TunesmithError(f"LoRA cannot wrap this model: {str(e).splitlines()[0]}\n"
-                             f"  linear layer names in {type(model).__name__}: {names}") from None
+    Catches a method that does not fit a model but would otherwise train nothing in silence
+    (e.g. prefixes a model ignores). Gradients are discarded and the RNG is left untouched.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise TunesmithError(f"method {method}: no parameter is left to train")
+    with torch.random.fork_rng(devices=[]):
+        loss_fn(model, batch).loss_sum.backward()
+    dead = [n for n, p in trainable if p.grad is None]
+    model.zero_grad(set_to_none=True)
+    if dead:
+        raise TunesmithError(f"method {method} does not reach this model's output: {len(dead)} of {len(trainable)} "
+                             f"trainable tensors get no gradient (e.g. {dead[:3]})")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -97,11 +97,14 @@ HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "hidden_dropout", "resid_pdrop", "
 
 def load_model(path: str, task: Task, labels: list[str] | None = None, trust_remote_code: bool = False,
                pad_token_id: int | None = None, dtype: torch.dtype = torch.float32,
-               dropout: float | None = None, attention_dropout: float | None = None) -> torch.nn.Module:
+               dropout: float | None = None, attention_dropout: float | None = None,
+               quantization=None, device: str = "cpu") -> torch.nn.Module:
     """Load the base for a task: a sequence classifier (with a new head sized to `labels`) or a causal LM.
 
     `dropout` / `attention_dropout` override the model config's probabilities when not None.
+    `quantization` (a BitsAndBytesConfig, models/quant.py) loads the weights quantised onto `device`.
     """
+    extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
     prev = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the 'newly initialized head' warning is expected; we report it ourselves
     try:
@@ -118,9 +121,10 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
             if config.pad_token_id is None and pad_token_id is not None:
                 config.pad_token_id = pad_token_id  # decoder classifiers pool the last non-pad token
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True)
+                path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **extra)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **extra)
     except (OSError, ValueError) as e:
         raise _hub_error(path, e) from None
     finally:

@@ -33,7 +33,9 @@ def classification(model, batch: dict[str, torch.Tensor]) -> LossOut:
 
 def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     """Next-token cross-entropy on positions whose label is not IGNORE (SFT masks the prompt)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, P+T, V)
+    # Prompt / P-tuning prepend P virtual tokens and return their logits too: keep the last T.
+    logits = logits[:, -batch["input_ids"].shape[1]:]  # (B, T, V)
     labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
     keep = labels != IGNORE  # (B, T-1)
     picked = logits[:, :-1][keep].float()  # (N, V): only positions that carry a loss

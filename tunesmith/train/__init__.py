@@ -22,8 +22,13 @@ from tunesmith.data import PreparedData, prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model
 from tunesmith.evaluate.report import comparison_markdown, plot_curves, write_report
-from tunesmith.methods import apply_method, param_report
+from tunesmith.data.collate import collate
+from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
+from tunesmith.methods.bottleneck import save_bottleneck
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
+from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
+from tunesmith.objectives import for_task
+from tunesmith.utils import folder_bytes, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.runtime import make_accelerator
@@ -69,12 +74,20 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     _say(_data_summary(data), on_event)
-    model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
-                       dropout=cfg.model.dropout, attention_dropout=cfg.model.attention_dropout)
-    model = apply_method(model, cfg.method, cfg.task)
-    params = param_report(model)
-    _say(f"method {cfg.method.name}: {params}", on_event)
     acc, precision = make_accelerator(cfg.train)
+    quant = quantization_config(cfg.method, precision)
+    model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
+                       dropout=cfg.model.dropout, attention_dropout=cfg.model.attention_dropout,
+                       quantization=quant, device=str(acc.device))
+    if quant is not None:
+        model = prepare_for_training(model)
+    model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base_path)
+    if not is_quantized(model):
+        model.to(acc.device)
+    check_gradients_reach(model, _first_batch(data, tokenizer, acc), for_task(cfg.task), cfg.method.name)
+    params = param_report(model)
+    quant_note = f", base quantised {cfg.method.opt('quantize')}" if quant is not None else ""
+    _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)
     _say(f"device {acc.device}, precision {precision}, threads {torch.get_num_threads()}", on_event)
 
     if resume_from is None and run_dir.exists():
@@ -83,7 +96,6 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         dump_config(cfg, run_dir / "config.yaml")
-        model.to(acc.device)
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
         result = fit(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
     except BaseException:
@@ -97,9 +109,13 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
     _say("evaluating the trained model ...", on_event)
     after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
-    _save_model(model, tokenizer, cfg, run_dir)
+    saved = _save_model(model, tokenizer, cfg, run_dir, base_path)
     summary = {
         "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
+        "quantize": cfg.method.opt("quantize") if cfg.method.name in ("lora", "dora", "qlora") else "none",
+        "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
+        "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
+        "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(),
         "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
         "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
         "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
@@ -168,11 +184,23 @@ def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_eve
     return before
 
 
-def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path) -> None:
-    """LoRA -> run/adapter (peft format); full/head -> run/model (transformers format). Tokenizer beside it."""
-    out = run_dir / ("adapter" if cfg.method.name == "lora" else "model")
-    model.save_pretrained(out)
+def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str) -> Path:
+    """peft methods -> run/adapter (peft format); bottleneck adapters -> run/bottleneck (ours);
+    methods that change the model's own weights -> run/model (transformers format). Tokenizer beside it."""
+    out = run_dir / saved_as(cfg.method.name)
+    if out.name == "bottleneck":
+        save_bottleneck(model, out, {"method": "adapter", "adapter_size": cfg.method.opt("adapter_size"),
+                                     "placement": cfg.method.opt("placement"), "layers": cfg.method.layers,
+                                     "base_model_name_or_path": base_path, "task": cfg.task})
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def _first_batch(data: PreparedData, tokenizer, acc) -> dict[str, torch.Tensor]:
+    batch = collate(data.splits["train"].features[:2], tokenizer.pad_token_id)
+    return {k: v.to(acc.device) for k, v in batch.items()}
 
 
 def _data_summary(data: PreparedData) -> str:

@@ -43,14 +43,19 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights (1-D tensors), as usual."""
+def make_optimizer(model, cfg: RunConfig, device: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW (torch, or bitsandbytes 8-bit/paged); no weight decay on biases and norms (1-D tensors)."""
+    from tunesmith.models.quant import make_optimizer_class
+
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    cls, note = make_optimizer_class(cfg.train.optimizer, device)
+    if note:
+        print(note, flush=True)
+    return cls([g for g in groups if g["params"]], lr=cfg.train.lr)
 
 
 def _improved(value: float, best: float | None, greater: bool) -> bool:
@@ -74,7 +79,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
     metric, greater = cfg.best_metric()
 
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, acc.device.type)
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)

@@ -1,0 +1,83 @@
+"""Methods that train a chosen subset of the model's own weights: full, head, BitFit, selective."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from tunesmith.config import MethodConfig, Task
+from tunesmith.errors import TunesmithError
+from tunesmith.models.load import head_module_names
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    from tunesmith.methods import transformer_blocks
+
+    return transformer_blocks(model)
+
+
+def train_head(model: nn.Module) -> None:
+    for name in head_module_names(model):
+        getattr(model, name).requires_grad_(True)
+
+
+def apply_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    model.requires_grad_(False)
+    train_head(model)
+    for name, module in model.named_modules():
+        # BERT-style poolers (dense + tanh on [CLS]) were trained for next-sentence prediction
+        # and sit between the body and the new classifier: they belong to the task head.
+        if name.endswith("pooler"):
+            module.requires_grad_(True)
+    _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
+    return model
+
+
+def apply_bitfit(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
+    """BitFit (Ben Zaken et al. 2022): only the bias terms train."""
+    model.requires_grad_(False)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    if not biases:
+        raise TunesmithError(f"method bitfit: {type(model).__name__} has no bias terms to train (Llama-style "
+                             "models use bias-free layers); use lora, ia3 or selective instead")
+    for p in biases:
+        p.requires_grad_(True)
+    if task == "classification" and cfg.train_head:
+        train_head(model)
+    return model
+
+
+def apply_selective(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
+    """Train parameters whose names match `modules`, the blocks in `layers` and the top N blocks."""
+    model.requires_grad_(False)
+    chosen = 0
+    for pattern in cfg.modules or []:
+        rx = re.compile(pattern)
+        hits = [p for n, p in model.named_parameters() if rx.search(n)]
+        if not hits:
+            sample = [n for n, _ in model.named_parameters()][:8]
+            raise TunesmithError(f"method.modules: '{pattern}' matches no parameter of {type(model).__name__} "
+                                 f"(names look like {sample})")
+        for p in hits:
+            p.requires_grad_(True)
+        chosen += len(hits)
+    if cfg.layers:
+        blocks = _blocks(model)
+        for i in cfg.layers:
+            if not 0 <= i < len(blocks):
+                raise TunesmithError(f"method.layers: block {i} out of range; the model has {len(blocks)} blocks")
+            blocks[i].requires_grad_(True)
+    _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
+    if task == "classification" and cfg.train_head:
+        train_head(model)
+    return model
+
+
+def _unfreeze_top(model: nn.Module, n: int) -> None:
+    if not n:
+        return
+    blocks = _blocks(model)
+    if n > len(blocks):
+        raise TunesmithError(f"method.unfreeze_top_layers={n} but the model has {len(blocks)} blocks")
+    for block in list(blocks)[-n:]:
+        block.requires_grad_(True)

@@ -1,0 +1,69 @@
+"""Quantised bases for QLoRA (4-bit NF4/FP4, optional double quantisation) and LoRA + int8.
+
+bitsandbytes does the quantisation (it has CPU kernels as well as CUDA ones); we build its
+config from ours, pick the compute dtype from the run's precision, and prepare the model the
+way the QLoRA recipe does (norms and head in fp32, input gradients on for adapters).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import TunesmithError
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunesmithError("a quantised base needs bitsandbytes: pip install bitsandbytes") from None
+    # bitsandbytes' int8 matmul casts fp32 inputs to fp16 on every call and says so each time.
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def quantization_config(cfg: MethodConfig, precision: str):
+    """transformers BitsAndBytesConfig for the method, or None for a full-precision base."""
+    kind = cfg.opt("quantize")
+    if kind == "none":
+        return None
+    _require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=cfg.opt("double_quant"),
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision])
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "hf_quantizer", None) is not None)
+
+
+def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """QLoRA preparation, minus gradient checkpointing (a memory/time trade we leave to the user)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def make_optimizer_class(name: str, device: str):
+    """The optimizer class for train.optimizer, and a note when the choice had to change."""
+    if name == "adamw":
+        return torch.optim.AdamW, None
+    _require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    note = None
+    if name.startswith("paged_") and device != "cuda":
+        # Paging moves optimizer state between GPU and CPU memory on GPU memory pressure; on a
+        # CPU there is nothing to page to, so use the same optimizer unpaged.
+        note = f"train.optimizer {name}: paging needs a CUDA GPU; using {name.removeprefix('paged_')} on {device}"
+        name = name.removeprefix("paged_")
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw": torch.optim.AdamW}[name]
+    return cls, note

@@ -1,0 +1,28 @@
+"""Small measurements shared by runs, adapters and benchmarks."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes on disk under a folder (0 if it does not exist)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def weights_bytes(model_path: str | Path) -> int | None:
+    """Size of a model folder's weight files (safetensors / bin), or None for a hub id."""
+    p = Path(model_path)
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
