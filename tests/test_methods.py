@@ -38,3 +38,82 @@ def test_lora_targets_layers_and_checkpoint_holds_only_trainable(tiny_llama):
 def test_lora_unknown_target_lists_the_real_names(tiny_llama):
     with pytest.raises(TunesmithError, match="q_proj"):
         apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(target_modules=["query"]), "sft")
+
+
+# ---- methods that do not fit a model fail early, with a message that says what to do ----
+
+def test_option_of_another_method_is_a_config_error():
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method.r: not an option of method 'prompt'"):
+        load_config({"data": {"train": "x.jsonl"}, "method": {"name": "prompt", "r": 8}})
+    with pytest.raises(ConfigError, match="qlora means a 4-bit base"):
+        load_config({"data": {"train": "x.jsonl"}, "method": {"name": "qlora", "quantize": "int8"}})
+    with pytest.raises(ConfigError, match="say what trains"):
+        load_config({"data": {"train": "x.jsonl"}, "method": {"name": "selective"}})
+    cfg = load_config({"data": {"train": "x.jsonl"}, "method": {"name": "qlora"}})
+    assert cfg.method.opt("quantize") == "nf4" and cfg.method.opt("r") == 8 and cfg.method.opt("double_quant") is True
+
+
+def test_bitfit_on_a_model_without_biases(tiny_llama):
+    with pytest.raises(TunesmithError, match="no bias terms"):
+        apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name="bitfit"), "sft")
+
+
+def test_loha_on_gpt2_conv1d_layers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(TunesmithError, match="Conv1D"):
+        apply_method(model, MethodConfig(name="loha"), "sft")
+    apply_method(GPT2LMHeadModel(model.config), MethodConfig(name="lora", target_modules=["c_attn"]), "sft")  # LoRA fits
+
+
+def test_prefix_on_a_classifier_without_past_key_values():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    with pytest.raises(TunesmithError, match="past_key_values"):
+        apply_method(model, MethodConfig(name="prefix"), "classification")
+
+
+def test_gradient_check_catches_a_method_that_never_reaches_the_loss(tiny_bert):
+    import torch
+
+    from tunesmith.methods import check_gradients_reach
+    from tunesmith.objectives import classification
+
+    m = apply_method(load_model(str(tiny_bert), "classification", ["a", "b"]), MethodConfig(name="head"), "classification")
+    m.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    m.bert.encoder.layer[0].attention.self.query.weight.requires_grad_(True)
+    dead = torch.nn.Parameter(torch.zeros(3))  # a parameter the forward never uses
+    m.register_parameter("unused", dead)
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "label": torch.tensor([1])}
+    with pytest.raises(TunesmithError, match="1 of .* get no gradient"):
+        check_gradients_reach(m, batch, classification, "head")
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_bottleneck_adapter_starts_as_identity_and_targets_each_sublayer(tiny_bert, tiny_llama):
+    import torch
+
+    from tunesmith.methods.bottleneck import AdaptedProjection
+
+    for path, task, houlsby in ((tiny_bert, "classification", 4), (tiny_llama, "sft", 4)):
+        labels = ["a", "b"] if task == "classification" else None
+        base = load_model(str(path), task, labels).eval()
+        ids = torch.tensor([[2, 5, 6, 7]])
+        ref = base(input_ids=ids).logits
+        m = apply_method(base, MethodConfig(name="adapter", placement="houlsby", adapter_size=4), task)
+        assert sum(isinstance(x, AdaptedProjection) for x in m.modules()) == houlsby  # 2 blocks x (attention, ffn)
+        torch.testing.assert_close(m(input_ids=ids).logits, ref)  # up-projection starts at zero
+        assert all(("adapter" in n) or ("classifier" in n) for n, p in m.named_parameters() if p.requires_grad)
+
+
+def test_paged_optimizer_on_cpu_falls_back_with_a_note():
+    from tunesmith.models.quant import make_optimizer_class
+
+    cls, note = make_optimizer_class("paged_adamw_8bit", "cpu")
+    assert "needs a CUDA GPU" in note and cls.__name__ == "AdamW8bit"

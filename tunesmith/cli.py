@@ -27,12 +27,38 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="config with task/columns/template (default: the run's own)")
     e.add_argument("--json", dest="json_out", help="also write the full result to this JSON file")
 
-    pr = sub.add_parser("predict", help="classify texts or generate replies with a trained run")
-    pr.add_argument("run", help="run folder")
+    pr = sub.add_parser("predict", help="classify texts or generate replies with a trained run (or several "
+                        "adapter runs over one base)")
+    pr.add_argument("run", nargs="+", help="run folder(s); several adapter runs of one base load the base once. "
+                    "Name an adapter NAME=RUN_DIR (default name: the folder's name)")
+    pr.add_argument("--adapter", action="append", default=[],
+                    help="with several runs: answer with this adapter (repeatable; default: each in turn)")
     pr.add_argument("--text", action="append", default=[], help="an input (repeatable)")
     pr.add_argument("--file", help="inputs: a .txt file (one per line) or .jsonl with a text/prompt field")
     pr.add_argument("--max-new-tokens", type=int, help="generation length")
     pr.add_argument("--json", action="store_true", help="print JSON lines")
+
+    ad = sub.add_parser("adapters", help="inspect adapters and runs")
+    asub = ad.add_subparsers(dest="adapters_command", required=True)
+    al = asub.add_parser("list", help="every run / adapter under a folder")
+    al.add_argument("folder", nargs="?", default="runs")
+    ai = asub.add_parser("info", help="method, rank, targets, size on disk, base model of one run or adapter")
+    ai.add_argument("path")
+    for sp in (al, ai):
+        sp.add_argument("--json", action="store_true")
+
+    mg = sub.add_parser("merge", help="merge a run's adapter into the full-precision base; writes a plain transformers model")
+    mg.add_argument("run")
+    mg.add_argument("--out", required=True)
+    mg.add_argument("--overwrite", action="store_true")
+
+    cb = sub.add_parser("combine", help="combine LoRA adapters of one base into a new run (linear / TIES / DARE ...)")
+    cb.add_argument("runs", nargs="+")
+    cb.add_argument("--out", required=True, help="new run folder")
+    cb.add_argument("--weights", type=float, nargs="+", help="one weight per run (default: equal)")
+    cb.add_argument("--how", default="linear", help="linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, magnitude_prune")
+    cb.add_argument("--density", type=float, help="fraction of each update kept by ties / dare / magnitude_prune (default 0.5)")
+    cb.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -81,19 +107,28 @@ def run(argv: list[str]) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
     elif args.command == "predict":
-        from tunesmith.runs import predict
-
         _no_overrides(rest)
         texts = args.text + (_read_inputs(args.file) if args.file else [])
         if not texts:
             raise TunesmithError("predict: give --text or --file")
-        for r in predict(args.run, texts, args.max_new_tokens):
-            if args.json:
-                print(json.dumps(r))
-            elif "label" in r:
-                print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
-            else:
-                print(f">>> {r['input']}\n{r['output']}\n")
+        _predict(args, texts)
+    elif args.command == "adapters":
+        from tunesmith.adapters import adapter_info, format_info, list_adapters
+
+        _no_overrides(rest)
+        infos = list_adapters(args.folder) if args.adapters_command == "list" else [adapter_info(args.path)]
+        print(json.dumps(infos, indent=2) if args.json else "\n\n".join(format_info(i) for i in infos) or "nothing found")
+    elif args.command == "merge":
+        from tunesmith.adapters import merge
+
+        _no_overrides(rest)
+        print(f"merged model written to {merge(args.run, args.out, args.overwrite)}")
+    elif args.command == "combine":
+        from tunesmith.adapters import combine
+
+        _no_overrides(rest)
+        out = combine(args.runs, args.out, args.weights, args.how, args.density, args.overwrite)
+        print(f"combined adapter run written to {out}")
     elif args.command == "data":
         from tunesmith.data.check import check_data, format_report
 
@@ -110,6 +145,41 @@ def run(argv: list[str]) -> int:
 
             print(yaml.safe_dump(load_config(args.config, rest).model_dump(mode="json"), sort_keys=False))
     return 0
+
+
+def _print_predictions(rows: list[dict], as_json: bool, adapter: str | None = None) -> None:
+    for r in rows:
+        if adapter:
+            r = {"adapter": adapter, **r}
+        if as_json:
+            print(json.dumps(r))
+        elif "label" in r:
+            print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
+        else:
+            print(f">>> {r['input']}\n{r['output']}\n")
+
+
+def _predict(args, texts: list[str]) -> None:
+    if len(args.run) == 1 and not args.adapter:
+        from tunesmith.runs import predict
+
+        _print_predictions(predict(args.run[0], texts, args.max_new_tokens), args.json)
+        return
+    import time
+
+    from tunesmith.adapter_set import AdapterSet
+
+    named = [r.split("=", 1) if "=" in r else (Path(r).name, r) for r in args.run]
+    t0 = time.perf_counter()
+    aset = AdapterSet()
+    for name, path in named:
+        aset.add(name, path)
+    print(f"loaded base + {len(named)} adapter(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    for name in args.adapter or aset.names:
+        switch = aset.use(name)
+        if not args.json:
+            print(f"## adapter {name} (switch {switch * 1e3:.2f} ms)")
+        _print_predictions(aset.predict(texts, name, args.max_new_tokens), args.json, name)
 
 
 def _no_overrides(rest: list[str]) -> None:

@@ -62,13 +62,14 @@ def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list
         train_recs += recs
         src = src or s  # the first source's builtin defaults (labels) apply
     labels = resolve_labels(cfg, train_recs, src)
-    fmt, pool = to_examples(train_recs, cfg.task, d, labels)
+    names = labels or d.labels or src.get("labels")  # lets a template say {label_name} for 0/1 labels
+    fmt, pool = to_examples(train_recs, cfg.task, d, labels, names)
     out: dict[str, list[Example]] = {}
     strat = (lambda xs: [e.label for e in xs]) if (cfg.task == "classification" and d.stratify) else (lambda xs: None)
     for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
                                   ("validation", d.validation, d.val_size, "data.val_size")):
         if path:
-            out[name] = to_examples(load_records(path, d)[0], cfg.task, d, labels)[1]
+            out[name] = to_examples(load_records(path, d)[0], cfg.task, d, labels, names)[1]
         else:
             taken, pool = take(pool, size, d.seed, strat(pool), key)
             if taken:

@@ -37,13 +37,14 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     report["rows"] = len(records) + len(read_problems)
     report["format"] = detect_format(rename_columns(records[0], cfg.data.columns), cfg.data)
     labels = resolve_labels(cfg, records, src)
+    names = labels or cfg.data.labels or src.get("labels")
     try:
-        fmt, examples = to_examples(records, cfg.task, cfg.data, labels)
+        fmt, examples = to_examples(records, cfg.task, cfg.data, labels, names)
     except DataError as e:
         report["problems"] += [str(p) for p in e.problems]
         bad = {(p.where.path, p.where.line) for p in e.problems}
         good = [r for r in records if (r.where.path, r.where.line) not in bad]
-        fmt, examples = to_examples(good, cfg.task, cfg.data, labels) if good else (report["format"], [])
+        fmt, examples = to_examples(good, cfg.task, cfg.data, labels, names) if good else (report["format"], [])
     report["valid_rows"] = len(examples)
     if labels:
         counts = Counter(labels[e.label] for e in examples if e.label is not None)

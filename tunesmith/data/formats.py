@@ -97,6 +97,14 @@ def _render(template: str, fields: dict[str, Any], where, problems: list[Problem
     return template.format_map({k: "" if v is None else v for k, v in fields.items()})
 
 
+def _with_label_name(fields: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """Add {label_name}: the class name of an integer label id (data.labels or a builtin's labels)."""
+    label = fields.get("label")
+    if names and label is not None and str(label).isdigit() and int(label) < len(names):
+        return {**fields, "label_name": names[int(label)]}
+    return fields if label is None else {**fields, "label_name": str(label)}
+
+
 def _need_str(fields: dict, key: str, where, problems: list[Problem], allow_empty: bool = False) -> str | None:
     if key not in fields or fields[key] is None:
         problems.append(Problem(where, "missing", field=key))
@@ -149,7 +157,8 @@ def infer_labels(records: list[Record], cfg: DataConfig) -> list[str]:
     return sorted(values)
 
 
-def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list[str] | None) -> tuple[str, list[Example]]:
+def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list[str] | None,
+                label_names: list[str] | None = None) -> tuple[str, list[Example]]:
     """Validate records for `task` and convert them to Examples.
 
     Returns:
@@ -180,8 +189,9 @@ def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list
         elif fmt == "chat":
             ex.messages = _messages(f, w, problems)
         elif cfg.template.prompt:
-            ex.prompt = _render(cfg.template.prompt, f, w, problems)
-            ex.completion = _render(cfg.template.completion or "{completion}", f, w, problems)
+            g = _with_label_name(f, label_names)
+            ex.prompt = _render(cfg.template.prompt, g, w, problems)
+            ex.completion = _render(cfg.template.completion or "{completion}", g, w, problems)
             ex.plain_prompt = ex.prompt
         elif fmt == "instruction":
             instr = _need_str(f, "instruction", w, problems)

@@ -25,18 +25,23 @@ def _require_bitsandbytes() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
 
 
+# Kept in full precision: output layers, and a classifier's new head, which starts random and
+# trains in full (bitsandbytes cannot quantise a layer created after loading).
+SKIP_MODULES = ["lm_head", "classifier", "score", "classification_head", "pooler"]
+
+
 def quantization_config(cfg: MethodConfig, precision: str):
     """transformers BitsAndBytesConfig for the method, or None for a full-precision base."""
     kind = cfg.opt("quantize")
-    if kind == "none":
+    if cfg.name not in ("lora", "dora", "qlora") or kind == "none":
         return None
     _require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=cfg.opt("double_quant"),
-                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision])
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision], llm_int8_skip_modules=SKIP_MODULES)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
