@@ -26,3 +26,19 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def current_rss_mb() -> float:
+    import psutil  # an accelerate dependency
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def model_memory_mb(model) -> float:
+    """Bytes held by the model's parameters and buffers (quantised weights at their packed size)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return round(total / 2**20, 1)

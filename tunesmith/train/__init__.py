@@ -28,7 +28,7 @@ from tunesmith.methods.bottleneck import save_bottleneck
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.objectives import for_task
-from tunesmith.utils import folder_bytes, peak_rss_mb, weights_bytes
+from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.runtime import make_accelerator
@@ -64,7 +64,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         ConfigError, DataError, TunesmithError for bad input (before anything is written).
     """
     cfg = _resolve_config(config, overrides)
-    t0 = time.perf_counter()
+    t0, rss_start = time.perf_counter(), current_rss_mb()
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(run_dir, cfg, resume)
 
@@ -116,6 +116,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
         "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
         "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(),
+        "rss_start_mb": rss_start, "model_memory_mb": model_memory_mb(model),
         "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
         "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
         "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
