@@ -6,8 +6,6 @@ same methods is bench/methods.py.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -53,7 +51,7 @@ def _method(case: str) -> dict:
 
 
 def _train(tmp_path, model_dir, kind, case, train_file, test_file):
-    opts, lr = CASES[case]
+    _, lr = CASES[case]
     task = "classification" if kind == "bert" else "sft"
     cfg = {"task": task, "model": {"name_or_path": str(model_dir)},
            "data": {"train": str(train_file), "test": str(test_file), "val_size": 0, "max_length": 32},

@@ -9,13 +9,16 @@ Quantised bases (QLoRA, LoRA + int8) are loaded by models/quant.py before a meth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from tunesmith.config import PEFT_METHODS, MethodConfig, Task
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from tunesmith.objectives import LossOut
 
 
 @dataclass
