@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
-from tunesmith.utils import folder_bytes
+from tunesmith.utils import atomic_folder, folder_bytes
 
 MERGEABLE = {"LORA", "IA3", "LOHA", "LOKR"}  # linear updates that fold into the base weights
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
@@ -118,22 +115,12 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block succeeds."""
+def _atomic_folder(out: Path, overwrite: bool):
+    """atomic_folder that refuses to replace an existing non-empty folder unless asked."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunesmithError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_folder(out)
 
 
 def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:

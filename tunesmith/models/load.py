@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from tunesmith import assets
 from tunesmith.config import Task
 from tunesmith.errors import TunesmithError
+from tunesmith.utils import atomic_folder
 
 
 def cache_dir() -> Path:
@@ -61,14 +60,9 @@ def gguf_to_folder(gguf: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(out) as tmp:  # a crash never leaves a half-written cache entry
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-        os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

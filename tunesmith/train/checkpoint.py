@@ -5,10 +5,8 @@ Writes go to a temporary folder renamed into place, so a crash never leaves a to
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 
 from tunesmith.methods import trainable_state
+from tunesmith.utils import atomic_folder
 
 
 def rng_state() -> dict[str, Any]:
@@ -36,19 +35,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(folder: Path, model, optimizer=None, scheduler=None, progress: dict[str, Any] | None = None) -> None:
     """Atomically write a checkpoint folder: weights.pt, plus state.pt when an optimizer is given
     (without one it is a weights-only copy, as kept for the best validation step)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         torch.save(trainable_state(model), tmp / "weights.pt")
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": rng_state(), "progress": progress}, tmp / "state.pt")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_weights(folder: Path, model) -> None:
