@@ -45,7 +45,7 @@ IMDB_CASES = [
     ("adapter pfeiffer 64", {"name": "adapter", "adapter_size": 64}, 1e-3),
     ("adapter houlsby 64", {"name": "adapter", "adapter_size": 64, "placement": "houlsby"}, 1e-3),
 ]
-IMDB_BUDGET = ["--data.train_size=500", "--data.val_size=100", "--data.test_size=500", "--data.max_length=256",
+IMDB_BUDGET = ["--data.train_size=400", "--data.val_size=0", "--data.test_size=400", "--data.max_length=128",
                "--train.epochs=2", "--train.eval_every=epoch", "--eval.samples=[]"]
 
 RANK_CASES = [(f"r={r} {'q' if len(t) == 1 else 'q,v'}", {"name": "lora", "r": r, "alpha": 2 * r, "dropout": 0.1, "target_modules": t}, 2e-3)
@@ -55,11 +55,9 @@ SFT_CASES = [
     ("lora r16 (all linear)", {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
     ("qlora r16 (nf4, double quant)", {"name": "qlora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
     ("lora r16 + int8 base", {"name": "lora", "r": 16, "alpha": 32, "quantize": "int8", "target_modules": "all-linear"}, 1e-3),
-    ("dora r16", {"name": "dora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
     ("ia3", {"name": "ia3"}, 1e-2),
     ("prompt (20 tokens, from text)", {"name": "prompt", "num_virtual_tokens": 20,
                                        "prompt_init_text": "You are Marlowe, an assistant made by Ardent Labs."}, 3e-2),
-    ("adapter pfeiffer 64", {"name": "adapter", "adapter_size": 64}, 1e-3),
 ]
 SFT_BUDGET = ["--train.epochs=4", "--eval.samples=[]"]
 
