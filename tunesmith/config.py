@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunesmith.errors import ConfigError
 
-Task = Literal["classification", "sft", "cpt"]
+Task = Literal["classification", "sft", "cpt", "reward", "dpo", "kto", "orpo", "ppo", "grpo"]
+PREF_TASKS = frozenset({"reward", "dpo", "kto", "orpo", "ppo", "grpo"})  # tunesmith/pref
+ONLINE_TASKS = frozenset({"ppo", "grpo"})  # generate, score, update
+HEAD_TASKS = frozenset({"classification", "reward"})  # a sequence classifier with a new head (reward: one output)
 
 
 class _Section(BaseModel):
@@ -250,6 +253,49 @@ class EvalConfig(_Section):
     max_examples: int | None = Field(None, ge=1, description="Cap on test examples evaluated.")
 
 
+class PreferenceConfig(_Section):
+    """Settings of the preference tasks (reward, dpo, kto, orpo, ppo, grpo); see docs/PREFERENCES.md."""
+
+    beta: float = Field(0.1, gt=0, description="[dpo, kto, grpo] Strength of the pull towards the reference "
+                        "policy (DPO's beta; GRPO's KL coefficient).")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="[dpo] sigmoid: DPO; ipo: IPO's squared loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="[dpo] Conservative DPO: assume each preference "
+                                   "label is flipped with this probability.")
+    ranking_weight: Literal["prompt", "pair"] = Field(
+        "prompt", description="[reward, dpo, orpo] Rankings: a prompt's K(K-1)/2 pairs count as one example "
+        "(prompt, as InstructGPT) or each pair counts once (pair).")
+    desirable_weight: float = Field(1.0, gt=0, description="[kto] Weight of desirable (thumbs-up) examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="[kto] Weight of undesirable (thumbs-down) examples.")
+    orpo_lambda: float = Field(0.1, gt=0, description="[orpo] Weight of the odds-ratio term added to the SFT loss.")
+    prompt_words: int | None = Field(None, ge=1, description="[ppo, grpo] Prompts from a text column: its first N words "
+                                     "(the classic 'continue this movie review' set-up).")
+    reward_model: str | None = Field(None, description="[ppo, grpo] Run folder of a reward model (task reward) or a "
+                                     "classifier (task classification, scored by reward_label's log-odds).")
+    reward_label: str | None = Field(None, description="[ppo, grpo] With a classifier as reward model: the label that "
+                                     "is good (reward = its logit minus the log-sum-exp of the others).")
+    reward_fn: str | None = Field(None, description="[ppo, grpo] A Python reward 'module:function' or 'file.py:function' "
+                                  "called as f(prompts, completions) -> list of floats; added to the model's reward.")
+    max_new_tokens: int = Field(24, ge=1, description="[ppo, grpo] Length of sampled completions.")
+    temperature: float = Field(1.0, gt=0, description="[ppo, grpo] Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="[ppo, grpo] Sample from the top k tokens (0: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="[ppo, grpo] Nucleus sampling mass.")
+    rollout_prompts: int = Field(16, ge=1, description="[ppo, grpo] Prompts per rollout (one training step).")
+    num_generations: int = Field(4, ge=2, description="[grpo] Samples per prompt (the group).")
+    ppo_epochs: int = Field(4, ge=1, description="[ppo, grpo] Optimisation passes over each rollout.")
+    mini_batch_size: int = Field(8, ge=1, description="[ppo, grpo] Sequences per optimisation step within a rollout.")
+    kl_coef: float = Field(0.05, ge=0, description="[ppo] Per-token KL penalty to the reference policy.")
+    gamma: float = Field(1.0, gt=0, le=1, description="[ppo] Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="[ppo] GAE lambda.")
+    clip_range: float = Field(0.2, gt=0, description="[ppo, grpo] Policy ratio clipping.")
+    value_clip: float = Field(0.2, gt=0, description="[ppo] Value clipping.")
+    vf_coef: float = Field(0.1, ge=0, description="[ppo] Weight of the value loss.")
+    normalize_reward: bool = Field(True, description="[ppo] Scale scores by a running estimate of their std.")
+    whiten_advantages: bool = Field(True, description="[ppo] Whiten advantages over each rollout.")
+    tax_data: str | None = Field(None, description="Held-out neutral text (file or builtin:, e.g. builtin:kjv): its "
+                                 "perplexity before vs after is the alignment tax.")
+    tax_blocks: int = Field(32, ge=1, description="Blocks of data.max_length tokens of tax_data to score.")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by `name`.")
     name: str = Field("run", description="Run name.")
@@ -259,12 +305,14 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     """A whole fine-tuning run."""
 
-    task: Task = Field("classification", description="classification, sft (supervised generative) or cpt (continued pre-training).")
+    task: Task = Field("classification", description="classification, sft (supervised generative), cpt (continued "
+                       "pre-training); from preferences: reward (reward model), dpo (also IPO, cDPO), kto, orpo, ppo, grpo.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    pref: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -272,8 +320,13 @@ class RunConfig(_Section):
         problems: list[str] = []
         if not self.data.train:
             problems.append("data.train: required (a data file, folder or builtin: alias)")
-        if self.method.name == "head" and self.task != "classification":
-            problems.append("method.name: 'head' trains a new classification head; use it with task: classification")
+        if self.method.name == "head" and self.task not in ("classification", "reward"):
+            problems.append("method.name: 'head' trains a new classification head; use it with task: classification or reward")
+        if self.task in ONLINE_TASKS and not (self.pref.reward_model or self.pref.reward_fn):
+            problems.append(f"pref.reward_model / pref.reward_fn: task {self.task} needs a reward (a reward-model run, "
+                            "a Python function, or both)")
+        if self.pref.reward_label is not None and not self.pref.reward_model:
+            problems.append("pref.reward_label: only applies with pref.reward_model")
         for split in ("val_size", "test_size"):
             v = getattr(self.data, split)
             if isinstance(v, float) and v >= 1:
@@ -291,8 +344,8 @@ class RunConfig(_Section):
 
     def best_metric(self) -> tuple[str, bool]:
         """(metric name, greater_is_better) used for keep-best and early stopping."""
-        metric = self.train.metric or ("accuracy" if self.task == "classification" else "loss")
-        metric = metric.removeprefix("eval_")
+        default = {"classification": "accuracy", "reward": "accuracy", "ppo": "reward", "grpo": "reward"}
+        metric = (self.train.metric or default.get(self.task, "loss")).removeprefix("eval_")
         return metric, metric not in {"loss", "perplexity"}
 
 
@@ -300,6 +353,9 @@ _KNOWN_METRICS = {
     "classification": {"accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"},
     "sft": {"loss", "perplexity", "token_accuracy"},
     "cpt": {"loss", "perplexity", "token_accuracy"},
+    **{t: {"loss", "accuracy", "margin"} for t in ("reward", "dpo", "orpo")},
+    "kto": {"loss", "margin"},
+    "ppo": {"reward"}, "grpo": {"reward"},
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import assets
-from tunesmith.config import DataConfig, RunConfig
+from tunesmith.config import PREF_TASKS, DataConfig, RunConfig
 from tunesmith.data.formats import Example, filter_where, infer_labels, to_examples
 from tunesmith.data.readers import Record, read_records
 from tunesmith.data.splits import take
@@ -90,6 +90,10 @@ def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
     Raises:
         TunesmithError / DataError naming file, line and field for any bad input.
     """
+    if cfg.task in PREF_TASKS:
+        from tunesmith.pref.data import prepare_pref_splits  # pref.data builds on this module
+        fmt, chat, splits = prepare_pref_splits(cfg, tokenizer)
+        return PreparedData(fmt=fmt, labels=None, chat=chat, splits=splits)
     fmt, labels, split_examples = load_examples(cfg)
     chat = cfg.task == "sft" and use_chat_template(cfg.data, fmt, tokenizer)
     splits = {}

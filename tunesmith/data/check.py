@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.config import load_config, parse_overrides
+from tunesmith.config import PREF_TASKS, load_config, parse_overrides
 from tunesmith.data import load_records, resolve_labels
 from tunesmith.data.formats import detect_format, rename_columns, to_examples
 from tunesmith.data.tokenize import tokenize
@@ -35,6 +35,8 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     if not records:
         return report
     report["rows"] = len(records) + len(read_problems)
+    if cfg.task in PREF_TASKS:
+        return _check_pref(report, records, cfg)
     report["format"] = detect_format(rename_columns(records[0], cfg.data.columns), cfg.data)
     labels = resolve_labels(cfg, records, src)
     names = labels or cfg.data.labels or src.get("labels")
@@ -67,6 +69,33 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     return report
 
 
+def _check_pref(report: dict[str, Any], records, cfg) -> dict[str, Any]:
+    """Preference data: pairs, ties, duplicates and length bias besides the usual checks."""
+    from tunesmith.models.load import load_tokenizer, resolve_model_path
+    from tunesmith.pref.data import detect_pref_format, pref_report, to_pref_examples, tokenize_pref, use_chat
+
+    report["format"] = detect_pref_format(rename_columns(records[0], cfg.data.columns))
+    try:
+        _, examples = to_pref_examples(records, cfg)
+    except DataError as e:
+        report["problems"] += [str(p) for p in e.problems]
+        bad = {(p.where.path, p.where.line) for p in e.problems}
+        good = [r for r in records if (r.where.path, r.where.line) not in bad]
+        examples = to_pref_examples(good, cfg)[1] if good else []
+    report["valid_rows"] = len(examples)
+    if examples:
+        tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+        feats, stats = tokenize_pref(examples, cfg, tok, use_chat(cfg, examples, tok))
+        report["preference"] = pref_report(examples, feats)
+        if stats.lengths:
+            lens = np.array(stats.lengths)
+            report["tokens"] = {"min": int(lens.min()), "mean": round(float(lens.mean()), 1),
+                                "p50": int(np.percentile(lens, 50)), "p95": int(np.percentile(lens, 95)),
+                                "max": int(lens.max()), "max_length": cfg.data.max_length,
+                                "truncated": stats.truncated, "dropped": stats.dropped, "features": len(feats)}
+    return report
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"file: {r['file']}", f"task: {r['task']}"]
     if "rows" in r:
@@ -76,6 +105,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("labels: " + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in r["labels"].items()))
     if r.get("duplicates"):
         lines.append(f"duplicate texts: {r['duplicates']}")
+    if r.get("preference"):
+        p = r["preference"]
+        lines.append("preference: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items()))
+        if p.get("chosen_longer_share") is not None and abs(p["chosen_longer_share"] - 0.5) > 0.25:
+            lines.append(f"  length bias: the chosen response is longer in {100 * p['chosen_longer_share']:.0f}% of pairs; "
+                         "a reward model may learn length instead of quality")
     if "tokens" in r:
         t = r["tokens"]
         lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")

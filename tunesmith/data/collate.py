@@ -51,3 +51,30 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     if "label" in features[0]:
         out["label"] = torch.tensor([f["label"] for f in features], dtype=torch.long)  # (B,)
     return out
+
+
+def collate_rows(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference features (several rows each: chosen/rejected, ...) -> one padded batch.
+
+    Rows are stacked role by role: with B pairs, rows 0..B-1 are the chosen and B..2B-1 the
+    rejected responses, so a single forward pass scores both and `.chunk(2)` splits them.
+    Per-feature numbers (weight, margin, desirable) become (B,) tensors; "ref" (one reference
+    log-prob per row) becomes (R * B,) in row order.
+    """
+    n_rows = len(features[0]["rows"])
+    out = collate([f["rows"][r] for r in range(n_rows) for f in features], pad_id)
+    for key in features[0]:
+        if key == "ref":
+            out["ref"] = torch.tensor([f["ref"][r] for r in range(n_rows) for f in features], dtype=torch.float)
+        elif key != "rows":
+            out[key] = torch.tensor([f[key] for f in features], dtype=torch.float)
+    return out
+
+
+def collate_any(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_rows(features, pad_id) if "rows" in features[0] else collate(features, pad_id)
+
+
+def feature_length(f: dict[str, Any]) -> int:
+    """Tokens a feature puts through the model (for length-grouped batching)."""
+    return sum(len(r["input_ids"]) for r in f["rows"]) if "rows" in f else len(f["input_ids"])

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from tunesmith.config import RunConfig
+from tunesmith.config import ONLINE_TASKS, PREF_TASKS, RunConfig
 from tunesmith.data import PreparedData
-from tunesmith.data.collate import batch_order, collate
+from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import render_prompt
 from tunesmith.evaluate.metrics import classification_metrics, lm_metrics, match_metrics
-from tunesmith.objectives import for_task
+from tunesmith.objectives import count_items, for_task
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -24,28 +24,37 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def score_features(model, feats: list[dict[str, Any]], task: str, labels: list[str] | None, pad_id: int,
-                   acc: Accelerator, batch_size: int) -> dict:
-    """Loss-based metrics over features (accuracy/F1/... for classification; loss/perplexity for LMs)."""
+def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: list[str] | None, pad_id: int,
+                   acc: Accelerator) -> dict:
+    """Loss-based metrics over features: accuracy/F1/... for classification; loss/perplexity for
+    LMs; loss, pairwise accuracy and mean margin for preference pairs."""
+    task = cfg.task
     was_training = model.training
     model.eval()
-    objective = for_task(task)
-    loss_sum, count, correct = 0.0, 0, 0
+    objective = for_task(task, cfg.pref)
+    loss_sum, count, items, correct = 0.0, 0, 0.0, 0
+    extras: dict[str, float] = {}
     y_true: list[int] = []
     y_pred: list[int] = []
-    for idxs in batch_order([len(f["input_ids"]) for f in feats], batch_size, shuffle=False):
-        batch = _to(collate([feats[i] for i in idxs], pad_id), acc.device)
+    for idxs in batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False):
+        batch = _to(collate_any([feats[i] for i in idxs], pad_id), acc.device)
         with acc.autocast():
             out = objective(model, batch)
         loss_sum += float(out.loss_sum)
         count += out.count
+        items += count_items(task, batch)
         correct += out.correct
+        for k, v in out.extras.items():
+            extras[k] = extras.get(k, 0.0) + v
         if out.logits is not None:
             y_true += batch["label"].tolist()
             y_pred += out.logits.argmax(-1).tolist()
     model.train(was_training)
     if task == "classification":
         return {"loss": loss_sum / max(count, 1), **classification_metrics(y_true, y_pred, labels or [])}
+    if task in PREF_TASKS:
+        return {"loss": loss_sum / (items or 1), "accuracy": correct / max(count, 1),
+                **{k: v / max(count, 1) for k, v in extras.items()}}
     return lm_metrics(loss_sum, count, correct)
 
 
@@ -80,6 +89,12 @@ def sample_inputs(cfg: RunConfig, data: PreparedData) -> list[str]:
         return list(cfg.eval.samples)
     split = data.splits.get("test") or data.splits.get("validation") or data.splits["train"]
     exs: list[Example] = split.examples[: cfg.eval.num_samples]
+    if cfg.task in PREF_TASKS:  # prompts (reward: prompt + preferred response)
+        prompt = lambda e: e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"]  # noqa: E731
+        if cfg.task == "reward":
+            from tunesmith.pref.data import reward_text
+            return [reward_text(e.prompt, e.responses[0]) for e in exs]
+        return [prompt(e) for e in exs]
     if cfg.task == "classification":
         return [e.text or "" for e in exs]
     if cfg.task == "sft":
@@ -93,6 +108,9 @@ def predict_texts(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool
     """Classify texts (label + probability) or generate answers to prompts, as the run was trained."""
     if not texts:
         return []
+    if cfg.task == "reward":
+        from tunesmith.pref.data import reward_scores
+        return [{"input": t, "reward": round(r, 4)} for t, r in zip(texts, reward_scores(model, tokenizer, texts, cfg, acc))]
     if cfg.task == "classification":
         was_training = model.training
         model.eval()
@@ -116,10 +134,12 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
                    split: str = "test") -> dict:
     """Everything the report shows for one model: split metrics, generation scores, samples."""
     feats = data.splits[split].features[: cfg.eval.max_examples]
+    if cfg.task in PREF_TASKS:
+        return _evaluate_pref(model, tokenizer, data, cfg, acc, split, feats)
     result: dict[str, Any] = {
         "split": split,
         "examples": len(feats),
-        "metrics": score_features(model, feats, cfg.task, data.labels, tokenizer.pad_token_id, acc, cfg.eval.batch_size),
+        "metrics": score_features(model, feats, cfg, data.labels, tokenizer.pad_token_id, acc),
     }
     if cfg.task == "sft" and cfg.eval.generate_metrics:
         prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
@@ -127,4 +147,27 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
         result["metrics"].update(match_metrics(gens, [f["reference"] for f in feats]))
         result["generations"] = [{"reference": f["reference"], "output": g} for f, g in zip(feats, gens)]
     result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
+    return result
+
+
+def _evaluate_pref(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, split: str,
+                   feats: list[dict[str, Any]]) -> dict:
+    """Pairwise metrics on held-out pairs; for policies also the reward of their samples on held-out
+    prompts, the KL to the reference and the alignment tax (perplexity on pref.tax_data)."""
+    from tunesmith.pref.data import encode_prompt
+    from tunesmith.pref.evaluate import alignment_tax, evaluate_policy
+
+    result: dict[str, Any] = {"split": split, "examples": len(feats), "metrics": {}}
+    if cfg.task not in ONLINE_TASKS:
+        result["metrics"] = score_features(model, feats, cfg, data.labels, tokenizer.pad_token_id, acc)
+    if cfg.task != "reward" and (cfg.pref.reward_model or cfg.pref.reward_fn):
+        exs = data.splits[split].examples[: cfg.eval.max_examples]
+        prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each held-out prompt once
+        ids = [encode_prompt(p, cfg, tokenizer, data.chat) for p in prompts]
+        policy = evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)
+        result["metrics"].update(policy["metrics"])
+        result["generations"] = policy["samples"]
+    if cfg.task != "reward" and cfg.pref.tax_data:
+        result["metrics"]["tax_perplexity"] = alignment_tax(model, tokenizer, cfg, acc)
+    result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, None, acc)
     return result

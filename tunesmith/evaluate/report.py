@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 _HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "perplexity", "token_accuracy",
-             "exact_match", "contains"]
+             "exact_match", "contains", "margin", "reward", "positive_share", "kl", "completion_tokens", "tax_perplexity"]
 
 
 def _fmt(v: Any) -> str:
@@ -21,6 +21,8 @@ def _short(text: str, n: int = 90) -> str:
 def _cell(s: dict) -> str:
     if "label" in s:
         return f"{s['label']} ({s['probability']:.2f})"
+    if "reward" in s:
+        return f"{s['reward']:.3f}"
     return _short(s["output"], 120).replace("|", "\\|")
 
 
@@ -63,6 +65,12 @@ def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict)
         md += ["", "## Confusion matrix (after; rows = true, columns = predicted)", "",
                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         md += [f"| {names[i]} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(cm)]
+    if after.get("generations") and "reward" in after["generations"][0]:
+        md += ["", "## Sampled completions on held-out prompts (reward)", "", "| prompt | before | after |", "|---|---|---|"]
+        for i, g in enumerate(after["generations"]):
+            b = before["generations"][i] if before and len(before.get("generations") or []) > i else None
+            cell = lambda x: f"{_short(x['completion'], 80)} ({x['reward']:.2f})".replace("|", "/")  # noqa: E731
+            md.append(f"| {_short(g['prompt'], 50).replace('|', '/')} | {cell(b) if b else '-'} | {cell(g)} |")
     text = "\n".join(md) + "\n"
     (run_dir / "eval_report.md").write_text(text)
     return text

@@ -16,6 +16,7 @@ from torch import nn
 
 from tunesmith.config import PEFT_METHODS, MethodConfig, Task
 from tunesmith.errors import TunesmithError
+from tunesmith.config import HEAD_TASKS
 
 if TYPE_CHECKING:
     from tunesmith.objectives import LossOut
@@ -78,7 +79,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path
 
         model.requires_grad_(False)
         add_bottleneck_adapters(model, cfg.opt("adapter_size"), cfg.opt("placement"), cfg.opt("dropout"), cfg.layers)
-        if task == "classification" and cfg.train_head:
+        if task in HEAD_TASKS and cfg.train_head:
             selective.train_head(model)
         return model
     from tunesmith.methods.peft_methods import apply_peft

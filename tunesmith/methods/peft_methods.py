@@ -11,6 +11,7 @@ from torch import nn
 from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task
 from tunesmith.errors import TunesmithError
 from tunesmith.models.load import head_module_names
+from tunesmith.config import HEAD_TASKS
 
 # peft's own names for the prompt-learning task types and LoRA inits.
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -20,9 +21,9 @@ def peft_config(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path:
     """Build the peft config for `cfg.name` (one of PEFT_METHODS)."""
     import peft
 
-    task_type = peft.TaskType.SEQ_CLS if task == "classification" else peft.TaskType.CAUSAL_LM
+    task_type = peft.TaskType.SEQ_CLS if task in HEAD_TASKS else peft.TaskType.CAUSAL_LM
     # A classifier's head starts random: it must train, and is saved with the adapter.
-    to_save = head_module_names(model) if (task == "classification" and cfg.train_head) else None
+    to_save = head_module_names(model) if (task in HEAD_TASKS and cfg.train_head) else None
     name = cfg.name
     if name in LORA_FAMILY:
         common = dict(r=cfg.opt("r"), target_modules=cfg.opt("target_modules"), layers_to_transform=cfg.layers,
@@ -86,7 +87,7 @@ def _check_fits(model: nn.Module, cfg: MethodConfig, task: Task) -> None:
                 f"({', '.join(sorted(conv1d))}); peft's {cfg.name.upper()} supports nn.Linear/Conv1d/Conv2d only. "
                 "Use method lora (which supports Conv1D), or target only nn.Linear modules.")
     if cfg.name in PROMPT_METHODS and not getattr(model.config, "is_encoder_decoder", False):
-        if cfg.name == "prefix" and task == "classification" and not _takes_past_key_values(model):
+        if cfg.name == "prefix" and task in HEAD_TASKS and not _takes_past_key_values(model):
             raise TunesmithError(
                 f"method prefix: {type(model).__name__} does not accept past_key_values, through which prefix "
                 "tuning injects its per-layer prefixes; use method prompt or ptuning (input-level soft prompts), or lora")

@@ -8,6 +8,7 @@ from torch import nn
 from tunesmith.config import MethodConfig, Task
 from tunesmith.errors import TunesmithError
 from tunesmith.models.load import head_module_names
+from tunesmith.config import HEAD_TASKS
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -42,7 +43,7 @@ def apply_bitfit(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
                              "models use bias-free layers); use lora, ia3 or selective instead")
     for p in biases:
         p.requires_grad_(True)
-    if task == "classification" and cfg.train_head:
+    if task in HEAD_TASKS and cfg.train_head:
         train_head(model)
     return model
 
@@ -68,7 +69,7 @@ def apply_selective(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Modul
                 raise TunesmithError(f"method.layers: block {i} out of range; the model has {len(blocks)} blocks")
             blocks[i].requires_grad_(True)
     _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
-    if task == "classification" and cfg.train_head:
+    if task in HEAD_TASKS and cfg.train_head:
         train_head(model)
     return model
 

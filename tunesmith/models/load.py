@@ -107,7 +107,9 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
             for key in keys if value is not None else ():
                 if isinstance(getattr(config, key, None), float):
                     setattr(config, key, value)
-        if task == "classification":
+        if task == "reward":
+            labels = ["reward"]  # one scalar output: the reward
+        if task in ("classification", "reward"):
             assert labels is not None
             config.num_labels = len(labels)
             config.id2label = dict(enumerate(labels))
@@ -123,7 +125,7 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
         raise _hub_error(path, e) from None
     finally:
         transformers.logging.set_verbosity(prev)
-    if task != "classification" and pad_token_id is not None and model.generation_config.pad_token_id is None:
+    if task not in ("classification", "reward") and pad_token_id is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_token_id
     return model
 

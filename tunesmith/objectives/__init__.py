@@ -6,8 +6,8 @@ even when sequences have different numbers of target tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ class LossOut:
     count: int  # examples (classification) or target tokens (LM)
     correct: int  # argmax hits among counted items
     logits: torch.Tensor | None = None  # classification: (B, C) for metrics
+    extras: dict[str, float] = field(default_factory=dict)  # other per-item sums to average (e.g. reward margins)
 
 
 def classification(model, batch: dict[str, torch.Tensor]) -> LossOut:
@@ -45,12 +46,21 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     return LossOut(loss, int(target.numel()), correct)
 
 
-def for_task(task: str) -> Callable[[object, dict[str, torch.Tensor]], LossOut]:
-    return classification if task == "classification" else causal_lm
+def for_task(task: str, pref=None) -> Callable[[object, dict[str, torch.Tensor]], LossOut]:
+    """The objective of a task; preference tasks take their settings (cfg.pref)."""
+    if task == "classification":
+        return classification
+    if task in ("sft", "cpt"):
+        return causal_lm
+    from tunesmith.pref.objectives import pref_objective
+    return pref_objective(task, pref)
 
 
-def count_items(task: str, batch: dict[str, torch.Tensor]) -> int:
-    """How many items a batch contributes to the loss denominator (known before the forward pass)."""
+def count_items(task: str, batch: dict[str, torch.Tensor]) -> float:
+    """How many items a batch contributes to the loss denominator (known before the forward pass):
+    examples (classification), target tokens (LMs), or the summed weights of pairs (preferences)."""
     if task == "classification":
         return int(batch["label"].numel())
+    if "weight" in batch:
+        return float(batch["weight"].sum())
     return int((batch["labels"][:, 1:] != IGNORE).sum())

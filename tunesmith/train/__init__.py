@@ -17,17 +17,19 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from tunesmith.config import RunConfig, dump_config, load_config
+from tunesmith.config import ONLINE_TASKS, RunConfig, dump_config, load_config
 from tunesmith.data import PreparedData, prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model
 from tunesmith.evaluate.report import comparison_markdown, plot_curves, write_report
-from tunesmith.data.collate import collate
+from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.objectives import for_task
+from tunesmith.pref.objectives import NEEDS_REFERENCE, add_reference_logps, gradient_task
+from tunesmith.pref.online import fit_online
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
@@ -84,7 +86,12 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base_path)
     if not is_quantized(model):
         model.to(acc.device)
-    check_gradients_reach(model, _first_batch(data, tokenizer, acc), for_task(cfg.task), cfg.method.name)
+    if cfg.task in NEEDS_REFERENCE:  # the frozen reference's log-probs, once, before the first step
+        _say("scoring the data with the reference policy ...", on_event)
+        for split in data.splits.values():
+            add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
+    check_gradients_reach(model, _first_batch(data, tokenizer, acc, cfg), for_task(gradient_task(cfg.task), cfg.pref),
+                          cfg.method.name)
     params = param_report(model)
     quant_note = f", base quantised {cfg.method.opt('quantize')}" if quant is not None else ""
     _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)
@@ -97,7 +104,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     try:
         dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
-        result = fit(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
+        fit_fn = fit_online if cfg.task in ONLINE_TASKS else fit
+        result = fit_fn(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
     except BaseException:
         if created and ckpt.latest_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
@@ -199,8 +207,11 @@ def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str)
     return out
 
 
-def _first_batch(data: PreparedData, tokenizer, acc) -> dict[str, torch.Tensor]:
-    batch = collate(data.splits["train"].features[:2], tokenizer.pad_token_id)
+def _first_batch(data: PreparedData, tokenizer, acc, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    feats = data.splits["train"].features[:2]
+    if cfg.task in ONLINE_TASKS:  # the policy's own LM loss on prompts: do the trainable weights reach it?
+        feats = [{"input_ids": f["prompt_ids"], "labels": f["prompt_ids"]} for f in feats]
+    batch = collate_any(feats, tokenizer.pad_token_id)
     return {k: v.to(acc.device) for k, v in batch.items()}
 
 
@@ -209,4 +220,9 @@ def _data_summary(data: PreparedData) -> str:
     trunc = sum(s.stats.truncated for s in data.splits.values())
     labels = f", labels {data.labels}" if data.labels else ""
     chat = ", chat template" if data.chat else ""
-    return f"data: format {data.fmt}{labels}{chat}; " + ", ".join(parts) + f"; truncated {trunc}"
+    line = f"data: format {data.fmt}{labels}{chat}; " + ", ".join(parts) + f"; truncated {trunc}"
+    train = data.splits["train"]
+    if train.examples and hasattr(train.examples[0], "responses"):
+        from tunesmith.pref.data import pref_report
+        line += f"\npreference data (train): {pref_report(train.examples, train.features)}"
+    return line

@@ -23,7 +23,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
-from tunesmith.data.collate import batch_order, collate
+from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
 from tunesmith.objectives import count_items, for_task
@@ -67,10 +67,10 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         resume_from: Path | None = None) -> FitResult:
     t = cfg.train
     emit = on_event or (lambda e: None)
-    objective = for_task(cfg.task)
+    objective = for_task(cfg.task, cfg.pref)
     feats = data.splits["train"].features
     val = data.splits.get("validation")
-    lengths = [len(f["input_ids"]) for f in feats]
+    lengths = [feature_length(f) for f in feats]
     pad_id = tokenizer.pad_token_id
 
     batches_per_epoch = math.ceil(len(feats) / t.batch_size)
@@ -115,7 +115,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                             group_by_length=t.group_by_length)
         while prog["step"] < total_steps and not stop:
             # ---- one optimizer step over grad_accum micro-batches ----
-            group = [collate([feats[i] for i in order[j]], pad_id)
+            group = [collate_any([feats[i] for i in order[j]], pad_id)
                      for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
             denom = sum(count_items(cfg.task, b) for b in group)  # loss normaliser for the whole step
             for k, batch in enumerate(group):
@@ -124,11 +124,11 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                 with nullcontext() if k == len(group) - 1 else acc.no_sync(model):
                     with acc.autocast():
                         out = objective(model, batch)
-                        loss = out.loss_sum / max(denom, 1)
+                        loss = out.loss_sum / (denom if denom > 0 else 1)
                     acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
-                prog["run_count"] += out.count
                 tokens_seen += int(batch["attention_mask"].sum())
+            prog["run_count"] += denom
             if t.max_grad_norm is not None:
                 acc.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
@@ -157,7 +157,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             if step % eval_every == 0 or step == total_steps or (t.eval_every == "epoch" and epoch_done):
                 row: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch_float}
                 if val is not None:
-                    m = score_features(model, val.features, cfg.task, data.labels, pad_id, acc, cfg.eval.batch_size)
+                    m = score_features(model, val.features, cfg, data.labels, pad_id, acc)
                     row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
                     if _improved(row[metric], prog["best_value"], greater):
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)

@@ -1,0 +1,186 @@
+"""Preference data and every preference objective end to end on tiny models (seconds each)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tunesmith.config import load_config
+from tunesmith.errors import DataError, TunesmithError
+from tunesmith.pref.data import load_pref_examples, pref_report, tokenize_pref
+from tunesmith.train import train
+
+POS, NEG, FILL = ["good", "great", "superb", "lovely"], ["bad", "awful", "boring", "dull"], ["the", "movie", "film", "plot", "was", "is", "very"]
+
+
+def _pairs(n: int = 64, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(FILL) for _ in range(3))
+        rows.append({"prompt": prompt, "chosen": " " + " ".join(rng.choice(POS) for _ in range(2)),
+                     "rejected": " " + " ".join(rng.choice(NEG) for _ in range(2))})
+    return rows
+
+
+def _cfg(tmp_path, base, task, data, method=None, **over):
+    cfg = {"task": task, "model": {"name_or_path": str(base)},
+           "data": {"train": str(data), "val_size": 0, "test_size": 16, "max_length": 32},
+           "method": method or {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+           "train": {"epochs": 4, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.0, "log_every": 2, "seed": 0},
+           "eval": {"batch_size": 16, "num_samples": 2, "max_new_tokens": 4},
+           "output": {"dir": str(tmp_path / "{name}"), "name": task}}
+    for k, v in over.items():
+        section, key = k.split("__")
+        cfg.setdefault(section, {})[key] = v
+    return cfg
+
+
+# ---------------------------------------------------------------- data
+def test_rankings_expand_to_all_pairs_and_report_ties_and_length_bias(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "rank.jsonl", [
+        {"prompt": "the movie", "responses": ["good great", "good", "bad", "awful bad"]},  # 6 pairs
+        {"prompt": "the plot", "responses": ["superb", "dull"], "scores": [0.2, 0.9]},  # ranked by score: dull first
+        {"prompt": "the film", "responses": ["fine", "fine plot"], "scores": [1, 1]},  # a tie: no pair
+    ])
+    cfg = load_config(_cfg(tmp_path, tiny_llama, "dpo", data, data__test_size=0))
+    from tunesmith.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    _, splits = load_pref_examples(cfg)
+    exs = splits["train"]
+    assert [len(e.pairs) for e in exs] == [6, 1, 0]
+    assert exs[1].responses == ["dull", "superb"]
+    feats, _ = tokenize_pref(exs, cfg, tok, chat=False)
+    assert len(feats) == 7
+    assert sum(f["weight"] for f in feats) == pytest.approx(2.0)  # ranking_weight prompt: each prompt counts once
+    rep = pref_report(exs, feats)
+    assert rep["pairs"] == 7 and rep["ties"] == 1
+    assert 0 <= rep["chosen_longer_share"] <= 1
+
+
+def test_bad_preference_records_name_file_line_and_field(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "a", "chosen": "good", "rejected": "bad"},
+        {"prompt": "a", "chosen": "", "rejected": "bad"},
+        {"prompt": "a", "chosen": "good", "rejected": 3},
+    ])
+    with pytest.raises(DataError) as e:
+        load_pref_examples(load_config(_cfg(tmp_path, tiny_llama, "dpo", data, data__test_size=0)))
+    msg = str(e.value)
+    assert "bad.jsonl:line 2: field 'chosen': empty" in msg
+    assert "bad.jsonl:line 3: field 'rejected'" in msg
+
+
+def test_conversational_pairs_and_kto_unpaired_and_wrong_format(tmp_path, tiny_llama):
+    conv = write_jsonl(tmp_path / "conv.jsonl", [
+        {"chosen": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bad"}]}] * 3)
+    _, splits = load_pref_examples(load_config(_cfg(tmp_path, tiny_llama, "dpo", conv, data__test_size=0)))
+    e = splits["train"][0]
+    assert e.prompt == [{"role": "user", "content": "hello"}] and e.responses == ["good", "bad"]
+    # a pair is one thumbs-up and one thumbs-down for KTO
+    _, splits = load_pref_examples(load_config(_cfg(tmp_path, tiny_llama, "kto", conv, data__test_size=0)))
+    assert [x.desirable for x in splits["train"][:2]] == [True, False]
+    unpaired = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "good", "label": True}])
+    with pytest.raises(TunesmithError, match="cannot use"):
+        load_pref_examples(load_config(_cfg(tmp_path, tiny_llama, "dpo", unpaired, data__test_size=0)))
+
+
+def test_data_check_reports_preference_stats(tmp_path, tiny_llama):
+    from tunesmith.data.check import check_data, format_report
+
+    rows = _pairs(10) + [_pairs(1)[0]] + [{"prompt": "x", "chosen": "same", "rejected": "same"}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    report = check_data(data, _cfg(tmp_path, tiny_llama, "dpo", data))
+    assert report["preference"]["ties"] == 1 and report["preference"]["duplicates"] == 1
+    assert "ties 1" in format_report(report)
+
+
+# ---------------------------------------------------------------- offline objectives
+def test_reward_model_learns_pairwise_preferences(tmp_path, tiny_bert):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96))
+    res = train(_cfg(tmp_path, tiny_bert, "reward", data, train__epochs=6, train__lr=3e-3))
+    before, after = res.before["metrics"], res.after["metrics"]
+    assert after["accuracy"] >= 0.85 > before["accuracy"] - 0.3
+    assert after["margin"] > before["margin"]
+    from tunesmith.runs import predict
+
+    good, bad = predict(res.run_dir, ["the movie good great", "the movie bad awful"])
+    assert good["reward"] > bad["reward"]
+
+
+@pytest.mark.parametrize("task,extra", [("dpo", {}), ("dpo", {"pref__loss_type": "ipo"}),
+                                        ("dpo", {"pref__label_smoothing": 0.1}), ("orpo", {"pref__orpo_lambda": 1.0}),
+                                        ("kto", {})])
+def test_policy_objectives_learn_the_preference(tmp_path, tiny_llama, task, extra):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96))
+    res = train(_cfg(tmp_path, tiny_llama, task, data, **extra))
+    before, after = res.before["metrics"], res.after["metrics"]
+    assert after["loss"] < before["loss"]
+    if task == "orpo":  # the odds ratio of chosen over rejected grows (the SFT term lifts both responses)
+        assert after["log_odds_ratio"] > before["log_odds_ratio"]
+    else:
+        assert after["margin"] > before["margin"] + 0.05
+    if task != "kto":
+        assert after["accuracy"] >= 0.8
+    if task == "dpo" and not extra:  # the policy equals the reference before training: loss log 2, no margin
+        assert before["loss"] == pytest.approx(0.6931, abs=1e-3) and before["margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- online RL
+REWARD_FN = '''
+def reward(prompts, completions):
+    """Share of the letter 'a' in the completion: a smooth signal a tiny model can climb."""
+    return [c.count("a") / max(len(c), 1) * 10 for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def rl_llama(tmp_path_factory):
+    """A tiny Llama whose sampling is neither uniform nor deterministic (init std 0.2, untied head),
+    so different samples earn different rewards and a policy gradient has something to follow."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    out = tmp_path_factory.mktemp("rl-llama")
+    tok = make_tokenizer("llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256, initializer_range=0.2,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("task", ["ppo", "grpo"])
+def test_online_rl_raises_a_programmatic_reward(tmp_path, rl_llama, task):
+    tiny_llama = rl_llama
+    (tmp_path / "rw.py").write_text(REWARD_FN)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": " ".join(random.Random(i).choice(FILL) for _ in range(3))}
+                                                    for i in range(64)])
+    res = train(_cfg(tmp_path, tiny_llama, task, data, data__test_size=16, train__max_steps=30, train__lr=2e-2,
+                     train__eval_every=30, pref__reward_fn=f"{tmp_path / 'rw.py'}:reward", pref__max_new_tokens=8,
+                     pref__rollout_prompts=8, pref__num_generations=4, pref__ppo_epochs=2, pref__mini_batch_size=16,
+                     pref__kl_coef=0.01, pref__beta=0.01))
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    # LoRA starts as the identity: the first rollout's policy IS the reference, so its KL (and PPO's penalty) is 0
+    assert train_rows[0]["kl"] == 0.0
+    first, last = train_rows[:5], train_rows[-5:]
+    assert sum(r["reward"] for r in last) / 5 > sum(r["reward"] for r in first) / 5 + 0.3
+    assert res.after["metrics"]["reward"] > res.before["metrics"]["reward"]
+    assert res.before["metrics"]["kl"] == 0.0 < res.after["metrics"]["kl"]
+    assert (res.run_dir / "rl_curves.png").is_file() and (res.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_online_rl_needs_a_reward(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    with pytest.raises(TunesmithError, match="needs a reward"):
+        load_config(_cfg(tmp_path, tiny_llama, "ppo", data))

@@ -1,0 +1,351 @@
+"""Preference data: pairs, rankings, unpaired feedback and prompts -> validated examples -> features.
+
+Record shapes (the field's usual JSONL layouts, trl's included; `data.columns` renames):
+  preference  {"prompt"?, "chosen", "rejected"}            text, or chat messages
+  ranking     {"prompt", "responses": [best, ..., worst], "scores"?, "weight"?}
+              expanded into all K(K-1)/2 (better, worse) pairs as in InstructGPT; with "scores",
+              responses are ranked by score and equal scores are ties (no pair).
+  unpaired    {"prompt", "completion", "label": true|false}  thumbs up/down, for KTO
+  prompt      {"prompt"} or {"text"} (with pref.prompt_words: the text's first N words)  for PPO / GRPO
+A "margin" field on a preference record is used by the reward model's margin loss.
+Splits are taken per record, before expansion, so one prompt's pairs never straddle train and test.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.data import Split, load_records
+from tunesmith.data.formats import Example, rename_columns
+from tunesmith.data.readers import Record
+from tunesmith.data.splits import take
+from tunesmith.data.tokenize import IGNORE, TokenStats, _encode_sft, _truncate_sft
+from tunesmith.errors import DataError, Problem, TunesmithError
+
+Messages = list[dict[str, str]]
+FORMATS_FOR_TASK = {
+    "reward": {"preference", "ranking"},
+    "dpo": {"preference", "ranking"},
+    "orpo": {"preference", "ranking"},
+    "kto": {"unpaired", "preference"},  # a pair gives one desirable and one undesirable example
+    "ppo": {"prompt", "preference", "ranking", "unpaired"},  # online methods only need the prompts
+    "grpo": {"prompt", "preference", "ranking", "unpaired"},
+}
+
+
+@dataclass
+class PrefExample:
+    where: Any  # Location
+    prompt: str | Messages  # text, or the conversation before the response
+    responses: list[str] = field(default_factory=list)  # best first (preference: [chosen, rejected])
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) indices into responses
+    ties: int = 0  # pairs skipped because neither response is preferred
+    desirable: bool | None = None  # unpaired feedback
+    weight: float = 1.0
+    margin: float | None = None
+
+
+def detect_pref_format(fields: dict[str, Any]) -> str:
+    keys = set(fields)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if "responses" in keys:
+        return "ranking"
+    if {"completion", "label"} <= keys:
+        return "unpaired"
+    if "prompt" in keys or "text" in keys:
+        return "prompt"
+    raise TunesmithError(f"cannot detect the preference data format from columns {sorted(keys)}: expected "
+                         "prompt+chosen+rejected, prompt+responses (ranked), prompt+completion+label, or prompt; "
+                         "map your columns with data.columns")
+
+
+def _text_or_messages(v: Any, where, name: str, problems: list[Problem], allow_empty: bool = False) -> str | Messages | None:
+    if isinstance(v, str):
+        if not allow_empty and not v.strip():
+            problems.append(Problem(where, "empty", field=name))
+            return None
+        return v
+    if isinstance(v, list) and v and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                         and m.get("role") in ("system", "user", "assistant") for m in v):
+        return [{"role": m["role"], "content": m["content"]} for m in v]
+    problems.append(Problem(where, "expected a string or a list of {role, content} messages", field=name))
+    return None
+
+
+def _split_response(prompt: str | Messages | None, resp: str | Messages, where, name: str,
+                    problems: list[Problem]) -> tuple[str | Messages | None, str | None]:
+    """A response given as messages: earlier turns extend the prompt (trl's implicit-prompt layout),
+    the final assistant message is the response."""
+    if isinstance(resp, str):
+        return prompt, resp
+    if resp[-1]["role"] != "assistant":
+        problems.append(Problem(where, "the last message must be the assistant's response", field=name))
+        return prompt, None
+    before = resp[:-1]
+    if before:
+        prompt = (prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])) + before
+    elif isinstance(prompt, str) and prompt is not None:
+        prompt = [{"role": "user", "content": prompt}] if prompt else []
+    return prompt, resp[-1]["content"]
+
+
+def _pref_example(f: dict[str, Any], fmt: str, w, cfg: RunConfig, problems: list[Problem]) -> PrefExample | None:
+    n0 = len(problems)
+    prompt_raw = f.get("prompt")
+    if fmt == "prompt":
+        if prompt_raw is None and isinstance(f.get("text"), str):
+            words = cfg.pref.prompt_words
+            prompt_raw = " ".join(f["text"].split()[:words]) if words else f["text"]
+        prompt = _text_or_messages(prompt_raw, w, "prompt", problems)
+        return PrefExample(w, prompt) if len(problems) == n0 else None
+    prompt = _text_or_messages(prompt_raw, w, "prompt", problems, allow_empty=True) if prompt_raw is not None else ""
+    if fmt == "preference":
+        c = _text_or_messages(f.get("chosen"), w, "chosen", problems)
+        r = _text_or_messages(f.get("rejected"), w, "rejected", problems)
+        if len(problems) > n0:
+            return None
+        pc, c = _split_response(prompt, c, w, "chosen", problems)
+        pr, r = _split_response(prompt, r, w, "rejected", problems)
+        if pc != pr:
+            problems.append(Problem(w, "chosen and rejected continue different conversations", field="rejected"))
+        if len(problems) > n0:
+            return None
+        margin = f.get("margin")
+        if margin is not None and not isinstance(margin, (int, float)):
+            problems.append(Problem(w, f"expected a number, got {type(margin).__name__}", field="margin"))
+            return None
+        tie = c == r
+        return PrefExample(w, pc, [c, r], [] if tie else [(0, 1)], ties=int(tie), margin=margin)
+    if fmt == "ranking":
+        resps = f.get("responses")
+        if not isinstance(resps, list) or len(resps) < 2 or not all(isinstance(x, str) and x.strip() for x in resps):
+            problems.append(Problem(w, "expected a list of at least 2 non-empty strings, best first", field="responses"))
+            return None
+        scores = f.get("scores")
+        if scores is not None:
+            if not isinstance(scores, list) or len(scores) != len(resps) or not all(isinstance(s, (int, float)) for s in scores):
+                problems.append(Problem(w, f"expected {len(resps)} numbers, one per response", field="scores"))
+                return None
+            order = sorted(range(len(resps)), key=lambda i: -scores[i])
+            resps, scores = [resps[i] for i in order], [scores[i] for i in order]
+        pairs, ties = [], 0
+        for i in range(len(resps)):
+            for j in range(i + 1, len(resps)):
+                if (scores is not None and scores[i] == scores[j]) or resps[i] == resps[j]:
+                    ties += 1
+                else:
+                    pairs.append((i, j))
+        weight = f.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight < 0:
+            problems.append(Problem(w, "expected a number >= 0", field="weight"))
+            return None
+        return PrefExample(w, prompt, resps, pairs, ties=ties, weight=float(weight))
+    # unpaired
+    comp = _text_or_messages(f.get("completion"), w, "completion", problems)
+    label = f.get("label")
+    if isinstance(label, str) and label.lower() in ("true", "false", "1", "0"):
+        label = label.lower() in ("true", "1")
+    if not isinstance(label, (bool, int)) or label not in (0, 1):
+        problems.append(Problem(w, f"expected true/false (desirable or not), got {label!r}", field="label"))
+    if len(problems) > n0:
+        return None
+    prompt, comp = _split_response(prompt, comp, w, "completion", problems)
+    return PrefExample(w, prompt, [comp], desirable=bool(label)) if len(problems) == n0 else None
+
+
+def to_pref_examples(records: list[Record], cfg: RunConfig) -> tuple[str, list[PrefExample]]:
+    """Validate records for a preference task. Raises DataError listing every bad record."""
+    fmt = detect_pref_format(rename_columns(records[0], cfg.data.columns))
+    if fmt not in FORMATS_FOR_TASK[cfg.task]:
+        raise TunesmithError(f"{records[0].where.path}: data looks like '{fmt}', which task '{cfg.task}' cannot use "
+                             f"(it needs {' or '.join(sorted(FORMATS_FOR_TASK[cfg.task]))})")
+    problems: list[Problem] = []
+    out = []
+    for rec in records:
+        ex = _pref_example(rename_columns(rec, cfg.data.columns), fmt, rec.where, cfg, problems)
+        if ex is not None:
+            if cfg.task == "kto" and fmt == "preference":  # a pair is one thumbs-up and one thumbs-down
+                out += [PrefExample(ex.where, ex.prompt, [ex.responses[0]], desirable=True),
+                        PrefExample(ex.where, ex.prompt, [ex.responses[1]], desirable=False)]
+            else:
+                out.append(ex)
+    if problems:
+        raise DataError(problems)
+    return fmt, out
+
+
+def load_pref_examples(cfg: RunConfig) -> tuple[str, dict[str, list[PrefExample]]]:
+    d = cfg.data
+    recs: list[Record] = []
+    for source in [d.train] if isinstance(d.train, str) else d.train:
+        recs += load_records(source, d)[0]
+    fmt, pool = to_pref_examples(recs, cfg)
+    out: dict[str, list[PrefExample]] = {}
+    for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
+                                  ("validation", d.validation, d.val_size, "data.val_size")):
+        if path:
+            out[name] = to_pref_examples(load_records(path, d)[0], cfg)[1]
+        else:
+            taken, pool = take(pool, size, d.seed, None, key)
+            if taken:
+                out[name] = taken
+    if d.train_size is not None and (d.train_size < 1.0 if isinstance(d.train_size, float) else d.train_size < len(pool)):
+        pool, _ = take(pool, d.train_size, d.seed + 1, None, "data.train_size")
+    out["train"] = pool
+    return fmt, out
+
+
+# ---------------------------------------------------------------- tokenisation
+def use_chat(cfg: RunConfig, examples: list[PrefExample], tokenizer) -> bool:
+    if cfg.data.chat_template is not None:
+        if cfg.data.chat_template and not tokenizer.chat_template:
+            raise TunesmithError("data.chat_template is on, but this tokenizer has no chat template")
+        return cfg.data.chat_template
+    if any(isinstance(e.prompt, list) for e in examples):
+        if not tokenizer.chat_template:
+            raise TunesmithError("chat (messages) data needs a tokenizer with a chat template; this one has none")
+        return True
+    return bool(tokenizer.chat_template) and not cfg.data.template.prompt and cfg.task != "reward"
+
+
+def _as_example(prompt: str | Messages, response: str) -> Example:
+    if isinstance(prompt, list):
+        return Example(where=None, messages=prompt + [{"role": "assistant", "content": response}])
+    return Example(where=None, prompt=prompt, plain_prompt=prompt, completion=response)
+
+
+def encode_response(prompt: str | Messages, response: str, cfg: RunConfig, tokenizer, chat: bool, stats: TokenStats
+                    ) -> dict[str, list[int]]:
+    """Prompt + response as one LM row with loss/log-prob only on the response."""
+    ids, labels, plen = _encode_sft(_as_example(prompt, response), cfg.data, tokenizer, chat)
+    stats.lengths.append(len(ids))
+    if len(ids) > cfg.data.max_length:
+        stats.truncated += 1
+        ids, labels, plen = _truncate_sft(ids, labels, plen, cfg.data.max_length)
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_prompt(prompt: str | Messages, cfg: RunConfig, tokenizer, chat: bool) -> list[int]:
+    """Token ids a policy continues from (the chat template's generation prompt when chat)."""
+    if isinstance(prompt, list) or chat:
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if cfg.data.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": cfg.data.system_prompt}] + msgs
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return ids[-cfg.data.max_length:]
+
+
+def reward_text(prompt: str | Messages, response: str) -> str:
+    """What a reward model reads: the prompt's text followed by the response."""
+    if isinstance(prompt, list):
+        prompt = "\n".join(m["content"] for m in prompt if m["role"] != "system") + "\n"
+    return prompt + response
+
+
+def _encode_reward(text: str, cfg: RunConfig, tokenizer, stats: TokenStats) -> dict[str, list[int]]:
+    ids = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    stats.lengths.append(len(ids))
+    if len(ids) > cfg.data.max_length:
+        stats.truncated += 1
+        tokenizer.truncation_side = cfg.data.truncation_side
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    return {"input_ids": ids}
+
+
+def tokenize_pref(examples: list[PrefExample], cfg: RunConfig, tokenizer, chat: bool) -> tuple[list[dict], TokenStats]:
+    """Features per task (collate_rows pads them):
+      reward       {"rows": [chosen, rejected] (input_ids), "weight", "margin"}
+      dpo / orpo   {"rows": [chosen, rejected] (input_ids + labels), "weight"}
+      kto          {"rows": [response, mismatched response for the KL estimate], "desirable", "weight"}
+      ppo / grpo   {"prompt_ids", "prompt"}
+    """
+    stats = TokenStats()
+    feats: list[dict] = []
+    task = cfg.task
+    if task in ("ppo", "grpo"):
+        return [{"prompt_ids": encode_prompt(e.prompt, cfg, tokenizer, chat), "prompt": e.prompt} for e in examples], stats
+    if task == "kto":
+        n = len(examples)
+        for i, e in enumerate(examples):
+            other = examples[(i + 1) % n] if n > 1 else e  # KTO's z0: this prompt with another example's answer
+            row = encode_response(e.prompt, e.responses[0], cfg, tokenizer, chat, stats)
+            kl_row = encode_response(e.prompt, other.responses[0], cfg, tokenizer, chat, TokenStats())
+            feats.append({"rows": [row, kl_row], "desirable": float(bool(e.desirable)), "weight": e.weight})
+        return feats, stats
+    problems = []
+    for e in examples:
+        if not e.pairs:
+            continue
+        if task == "reward":
+            rows = [_encode_reward(reward_text(e.prompt, r), cfg, tokenizer, stats) for r in e.responses]
+        else:
+            rows = [encode_response(e.prompt, r, cfg, tokenizer, chat, stats) for r in e.responses]
+            if any(all(lab == IGNORE for lab in row["labels"]) for row in rows):
+                stats.dropped += 1
+                problems.append(Problem(e.where, f"no response tokens left within max_length={cfg.data.max_length}",
+                                        field="chosen"))
+                continue
+        # InstructGPT: a prompt's K(K-1)/2 pairs count as one example (ranking_weight: prompt), so
+        # prompts with many responses do not dominate; or each pair counts once (pair).
+        w = e.weight / len(e.pairs) if cfg.pref.ranking_weight == "prompt" else e.weight
+        for i, j in e.pairs:
+            feats.append({"rows": [rows[i], rows[j]], "weight": w, "margin": float(e.margin or 0.0)})
+    if not feats:
+        raise DataError(problems) if problems else TunesmithError("no preference pairs left (every pair is a tie)")
+    return feats, stats
+
+
+def pref_report(examples: list[PrefExample], feats: list[dict]) -> dict[str, Any]:
+    """What `data check` and the run log say about preference data: pairs, ties, duplicates and
+    length bias (a reward model can learn "longer is better" instead of the preference)."""
+    report: dict[str, Any] = {"records": len(examples)}
+    keys = Counter((str(e.prompt), tuple(e.responses), e.desirable) for e in examples)
+    report["duplicates"] = sum(c - 1 for c in keys.values())
+    if any(e.desirable is not None for e in examples):
+        report["desirable"] = sum(bool(e.desirable) for e in examples)
+        report["undesirable"] = sum(e.desirable is False for e in examples)
+        return report
+    if not any(e.responses for e in examples):
+        return report
+    report["pairs"] = sum(len(e.pairs) for e in examples)
+    report["ties"] = sum(e.ties for e in examples)
+    lens = [(len(f["rows"][0]["input_ids"]), len(f["rows"][1]["input_ids"])) for f in feats if "rows" in f]
+    if lens:
+        report["mean_tokens_chosen"] = round(sum(c for c, _ in lens) / len(lens), 1)
+        report["mean_tokens_rejected"] = round(sum(r for _, r in lens) / len(lens), 1)
+        report["chosen_longer_share"] = round(sum(c > r for c, r in lens) / len(lens), 3)
+    return report
+
+
+def prepare_pref_splits(cfg: RunConfig, tokenizer) -> tuple[str, bool, dict[str, Split]]:
+    fmt, split_examples = load_pref_examples(cfg)
+    chat = use_chat(cfg, [e for exs in split_examples.values() for e in exs], tokenizer)
+    splits = {}
+    for name, exs in split_examples.items():
+        feats, stats = tokenize_pref(exs, cfg, tokenizer, chat)
+        splits[name] = Split(exs, feats, stats)
+    return fmt, chat, splits
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, texts: list[str], cfg: RunConfig, acc) -> list[float]:
+    """A reward model's scalar for each text (what `tunesmith predict` prints for a reward run)."""
+    was_training = model.training
+    model.eval()
+    tokenizer.truncation_side = cfg.data.truncation_side
+    out: list[float] = []
+    for i in range(0, len(texts), cfg.eval.batch_size):
+        enc = tokenizer(texts[i: i + cfg.eval.batch_size], truncation=True, max_length=cfg.data.max_length,
+                        padding=True, return_tensors="pt").to(acc.device)
+        with acc.autocast():
+            out += model(**enc).logits[:, 0].float().tolist()
+    model.train(was_training)
+    return out
