@@ -61,12 +61,15 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
             report["problems"] += [str(p) for p in e.problems]
             feats, stats = [], None
         if stats is not None:
-            lens = np.array(stats.lengths)
-            report["tokens"] = {"min": int(lens.min()), "mean": round(float(lens.mean()), 1),
-                                "p50": int(np.percentile(lens, 50)), "p95": int(np.percentile(lens, 95)),
-                                "max": int(lens.max()), "max_length": cfg.data.max_length,
-                                "truncated": stats.truncated, "dropped": stats.dropped, "features": len(feats)}
+            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
     return report
+
+
+def _token_stats(stats, max_length: int, features: int) -> dict[str, Any]:
+    lens = np.array(stats.lengths)
+    return {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
+            "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
+            "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
 
 
 def _check_pref(report: dict[str, Any], records, cfg) -> dict[str, Any]:
@@ -88,11 +91,7 @@ def _check_pref(report: dict[str, Any], records, cfg) -> dict[str, Any]:
         feats, stats = tokenize_pref(examples, cfg, tok, use_chat(cfg, examples, tok))
         report["preference"] = pref_report(examples, feats)
         if stats.lengths:
-            lens = np.array(stats.lengths)
-            report["tokens"] = {"min": int(lens.min()), "mean": round(float(lens.mean()), 1),
-                                "p50": int(np.percentile(lens, 50)), "p95": int(np.percentile(lens, 95)),
-                                "max": int(lens.max()), "max_length": cfg.data.max_length,
-                                "truncated": stats.truncated, "dropped": stats.dropped, "features": len(feats)}
+            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
     return report
 
 
