@@ -222,6 +222,9 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 autocast where the hardware runs it fast (CUDA bf16, CPU AVX512-BF16/AMX), else fp32."
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward pass instead of storing them: "
+        "less memory (activations grow with batch x length) for about a third more compute.")
     eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N steps, or each epoch.")
     metric: str | None = Field(
         None, description="Validation metric for keep-best / early stopping (default: accuracy or loss)."

@@ -50,6 +50,13 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by tensors in this process, in MiB (None without a GPU)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
 def current_rss_mb() -> float:
     import psutil  # an accelerate dependency
 

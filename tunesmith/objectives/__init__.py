@@ -6,6 +6,7 @@ even when sequences have different numbers of target tokens.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,17 +34,39 @@ def classification(model, batch: dict[str, torch.Tensor]) -> LossOut:
 
 
 def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
-    """Next-token cross-entropy on positions whose label is not IGNORE (SFT masks the prompt)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, P+T, V)
-    # Prompt / P-tuning prepend P virtual tokens and return their logits too: keep the last T.
-    logits = logits[:, -batch["input_ids"].shape[1]:]  # (B, T, V)
+    """Next-token cross-entropy on positions whose label is not IGNORE (SFT masks the prompt).
+
+    The vocabulary projection is the biggest activation of a small LM (B x T x 49k for SmolLM2),
+    so where the model supports `logits_to_keep` we ask only for the positions from the batch's
+    first target onwards: prompt tokens of SFT need no logits at all.
+    """
+    ids = batch["input_ids"]
+    T = ids.shape[1]
     labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
     keep = labels != IGNORE  # (B, T-1)
-    picked = logits[:, :-1][keep].float()  # (N, V): only positions that carry a loss
-    target = labels[keep]  # (N,)
+    wanted = keep.any(0).nonzero()
+    k = T - int(wanted[0]) if len(wanted) and _takes_logits_to_keep(model) else T
+    kwargs = {"logits_to_keep": k} if k < T else {}
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], **kwargs).logits  # (B, [P+]T or k, V)
+    # Prompt / P-tuning prepend P virtual tokens and return their logits too: keep the last k.
+    logits = logits[:, -k:]  # (B, k, V): positions T-k .. T-1
+    picked = logits[:, :-1][keep[:, T - k:]].float()  # (N, V): only positions that carry a loss
+    target = labels[:, T - k:][keep[:, T - k:]]  # (N,)
     loss = F.cross_entropy(picked, target, reduction="sum")
     correct = int((picked.argmax(-1) == target).sum())
     return LossOut(loss, int(target.numel()), correct)
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the underlying transformers model's forward takes `logits_to_keep` (most causal LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP
+    if type(base) not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[type(base)] = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _LOGITS_TO_KEEP[type(base)]
 
 
 def for_task(task: str, pref=None) -> Callable[[object, dict[str, torch.Tensor]], LossOut]:

@@ -30,10 +30,10 @@ from tunesmith.models.quant import is_quantized, prepare_for_training, quantizat
 from tunesmith.objectives import for_task
 from tunesmith.pref.objectives import NEEDS_REFERENCE, add_reference_logps, gradient_task
 from tunesmith.pref.online import fit_online
-from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_rss_mb, weights_bytes
+from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
-from tunesmith.train.runtime import make_accelerator
+from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
 
 
 @dataclass
@@ -86,6 +86,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base_path)
     if not is_quantized(model):
         model.to(acc.device)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if cfg.task in NEEDS_REFERENCE:  # the frozen reference's log-probs, once, before the first step
         _say("scoring the data with the reference policy ...", on_event)
         for split in data.splits.values():
@@ -105,12 +107,15 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
         fit_fn = fit_online if cfg.task in ONLINE_TASKS else fit
+        if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
+            torch.cuda.reset_peak_memory_stats()
         result = fit_fn(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
     except BaseException:
         if created and ckpt.latest_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
         raise
 
+    train_peak_gpu = peak_gpu_mb()
     model = acc.unwrap_model(model)
     if cfg.train.load_best and result.best_step is not None and result.best_step != result.steps:
         ckpt.load_weights(run_dir / "checkpoints" / "best", model)
@@ -123,7 +128,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "quantize": cfg.method.opt("quantize") if cfg.method.name in ("lora", "dora", "qlora") else "none",
         "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
         "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
-        "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(),
+        "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
+        "train_peak_gpu_mb": train_peak_gpu,
         "rss_start_mb": rss_start, "model_memory_mb": model_memory_mb(model),
         "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
         "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),

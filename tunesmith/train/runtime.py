@@ -44,3 +44,15 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
     precision = resolve_precision(cfg, device)
     acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=device == "cpu")
     return acc, precision
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute block activations in backward (transformers' own checkpointing of each layer).
+
+    The non-reentrant variant works with frozen inputs (adapters, quantised bases) without
+    peft's enable_input_require_grads trick, and with keyword arguments to the blocks.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise TunesmithError(f"train.gradient_checkpointing: {type(base).__name__} does not support it")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
