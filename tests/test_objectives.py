@@ -163,3 +163,20 @@ def test_overwrite_keeps_old_run_when_new_config_is_bad(tiny_llama, qa_rows, tmp
     with pytest.raises(TunesmithError, match="data file not found"):
         train(bad)
     assert (first / "run.json").is_file()
+
+
+def test_binary_roc_auc_is_the_pairwise_accuracy_of_the_score():
+    """The classifier-as-reward-model figure: share of (positive, negative) pairs ranked correctly."""
+    import itertools
+    import random
+
+    from tunesmith.evaluate.metrics import classification_metrics
+
+    rng = random.Random(0)
+    y = [rng.randint(0, 1) for _ in range(60)]
+    score = [rng.gauss(0.8 * t, 1.0) for t in y]
+    pairs = [(p, n) for p, n in itertools.product(range(60), range(60)) if y[p] == 1 and y[n] == 0]
+    by_hand = sum(score[p] > score[n] for p, n in pairs) / len(pairs)
+    m = classification_metrics(y, [int(s > 0) for s in score], ["negative", "positive"], score)
+    assert m["roc_auc"] == pytest.approx(by_hand)
+    assert "roc_auc" not in classification_metrics(y, y, ["negative", "positive"])

@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     cb.add_argument("--density", type=float, help="fraction of each update kept by ties / dare / magnitude_prune (default 0.5)")
     cb.add_argument("--overwrite", action="store_true")
 
+    mp = sub.add_parser("make-pairs", help="sample continuations of a config's prompts and rank them with its reward: "
+                        "preference data for DPO/IPO/KTO", epilog=EPILOG)
+    mp.add_argument("config", help="a prompt config (data with a prompt/text column, pref.reward_model or reward_fn)")
+    mp.add_argument("--out", required=True, help="folder for <split>.jsonl (train, test, validation)")
+    mp.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (default 4)")
+    mp.add_argument("--format", default="pair", choices=["pair", "ranking"],
+                    help="pair: best vs worst sample; ranking: all samples best first, with scores")
+    mp.add_argument("--policy", help="sample from this finished run instead of the config's base model")
+    mp.add_argument("--overwrite", action="store_true")
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="report what the pipeline makes of a file, with every error", epilog=EPILOG)
@@ -129,6 +139,17 @@ def run(argv: list[str]) -> int:
         _no_overrides(rest)
         out = combine(args.runs, args.out, args.weights, args.how, args.density, args.overwrite)
         print(f"combined adapter run written to {out}")
+    elif args.command == "make-pairs":
+        from tunesmith.pref.pairs import make_pairs
+
+        summary = make_pairs(args.config, args.out, rest, per_prompt=args.per_prompt, fmt=args.format,
+                             policy_run=args.policy, overwrite=args.overwrite,
+                             on_progress=lambda s, i, n: print(f"\r{s}: {i}/{n} prompts", end="", file=sys.stderr, flush=True))
+        print(file=sys.stderr)
+        for split, s in summary.items():
+            print(f"{split}: {s['rows']} rows from {s['prompts']} prompts ({s['ties_skipped']} ties skipped), mean reward "
+                  f"best {s['mean_best_reward']:.3f} / worst {s['mean_worst_reward']:.3f}")
+        print(f"written to {args.out}")
     elif args.command == "data":
         from tunesmith.data.check import check_data, format_report
 

@@ -36,6 +36,7 @@ def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: l
     extras: dict[str, float] = {}
     y_true: list[int] = []
     y_pred: list[int] = []
+    y_score: list[float] = []
     for idxs in batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False):
         batch = _to(collate_any([feats[i] for i in idxs], pad_id), acc.device)
         with acc.autocast():
@@ -49,9 +50,11 @@ def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: l
         if out.logits is not None:
             y_true += batch["label"].tolist()
             y_pred += out.logits.argmax(-1).tolist()
+            if out.logits.shape[-1] == 2:
+                y_score += (out.logits[:, 1] - out.logits[:, 0]).tolist()
     model.train(was_training)
     if task == "classification":
-        return {"loss": loss_sum / max(count, 1), **classification_metrics(y_true, y_pred, labels or [])}
+        return {"loss": loss_sum / max(count, 1), **classification_metrics(y_true, y_pred, labels or [], y_score or None)}
     if task in PREF_TASKS:
         return {"loss": loss_sum / (items or 1), "accuracy": correct / max(count, 1),
                 **{k: v / max(count, 1) for k, v in extras.items()}}

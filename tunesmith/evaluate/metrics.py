@@ -5,10 +5,15 @@ import math
 import re
 import string
 
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 
-def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:
+def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str],
+                           y_score: list[float] | None = None) -> dict:
+    """Accuracy, macro and per-class precision/recall/F1, confusion matrix; for two classes with
+    scores (logit of the second minus the first) also ROC AUC, which is the pairwise accuracy of
+    the score: the chance that a random example of the second class outscores one of the first.
+    That is how well the classifier would rank pairs as a reward model."""
     ids = list(range(len(labels)))
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     pm, rm, fm, _ = precision_recall_fscore_support(y_true, y_pred, labels=ids, average="macro", zero_division=0)
@@ -20,6 +25,7 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
         "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                   "support": int(support[i])} for i in ids},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),  # rows: true, cols: predicted
+        **({"roc_auc": float(roc_auc_score(y_true, y_score))} if y_score is not None and len(set(y_true)) == 2 else {}),
     }
 
 
