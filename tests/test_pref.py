@@ -236,3 +236,13 @@ def test_make_pairs_refuses_data_that_is_not_prompts(tmp_path, tiny_llama):
     with pytest.raises(TunesmithError, match="needs prompts"):
         make_pairs(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_pref_module_imports_first_in_a_fresh_process():
+    """`tunesmith make-pairs` imports pref.pairs before anything else: no import cycle may depend on order."""
+    import subprocess
+    import sys
+
+    for mod in ("tunesmith.pref.pairs", "tunesmith.pref.online", "tunesmith.pref.evaluate", "tunesmith.pref.objectives"):
+        proc = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr

@@ -29,7 +29,6 @@ from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.objectives import for_task
 from tunesmith.pref.objectives import NEEDS_REFERENCE, add_reference_logps, gradient_task
-from tunesmith.pref.online import fit_online
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
@@ -106,6 +105,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     try:
         dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
+        if cfg.task in ONLINE_TASKS:
+            from tunesmith.pref.online import fit_online  # here, not at the top: pref.online imports train.checkpoint
         fit_fn = fit_online if cfg.task in ONLINE_TASKS else fit
         if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
             torch.cuda.reset_peak_memory_stats()

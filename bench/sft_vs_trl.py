@@ -1,0 +1,141 @@
+"""SFT throughput and memory: tunesmith against trl's SFTTrainer, same model, data, adapter and batch.
+
+    python bench/sft_vs_trl.py                 # 32 optimizer steps each, on this machine's device
+    python bench/sft_vs_trl.py --steps 8       # a quick look
+
+Both sides train SmolLM2-135M-Instruct with LoRA (r 16, alpha 32, dropout 0, every linear layer)
+on the identity SFT data (examples/data/identity: prompt/completion pairs, rendered with the
+model's chat template under the same system prompt, loss on the completion only, max length 128).
+Both use batch 8, a constant learning rate of 1e-3 with no warmup, AdamW with weight decay 0.01,
+gradient clipping at 1.0, no packing and seed 0. Precision is each side's default on this machine:
+fp32 on a CPU without native bf16, bf16 autocast on a GPU.
+
+Each side runs in its own process, so its peak RSS is its own. The table reports:
+- tokens/s: non-padding tokens through training steps / training seconds;
+- peak RSS, and peak GPU memory where there is a GPU;
+- the mean training loss of the last 8 steps. The two batch orders differ (trl shuffles
+  uniformly; tunesmith groups similar lengths), so the losses should agree only roughly.
+
+The ratios come last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = [ROOT / "examples/data/identity/train.jsonl", ROOT / "examples/data/identity/general.jsonl"]
+SYSTEM = "You are a helpful assistant."
+MODEL = "builtin:SmolLM2-135M-Instruct"
+BATCH, LR, MAX_LEN, LAST = 8, 1e-3, 128, 8
+
+
+def _peaks() -> dict:
+    import torch
+
+    from tunesmith.utils import peak_rss_mb
+
+    return {"peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
+
+
+def run_trl(steps: int, model_name: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models.load import resolve_model_path
+
+    rows = [json.loads(line) for f in DATA for line in f.read_text().splitlines() if line.strip()]
+    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}],
+                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+    path = resolve_model_path(model_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+                         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
+                         logging_steps=1, save_strategy="no", report_to=[], max_length=MAX_LEN, packing=False,
+                         seed=0, bf16=gpu, use_cpu=not gpu, include_num_input_tokens_seen="non_padding",
+                         dataloader_num_workers=0, disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    secs = result.metrics["train_runtime"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"side": "trl SFTTrainer", "steps": steps, "train_s": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
+            "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]), "losses": losses, **_peaks()}
+
+
+def run_tunesmith(steps: int, model_name: str) -> dict:
+    from tunesmith.train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        res = train(ROOT / "configs/sft-identity-lora.yaml", [
+            f"--model.name_or_path={model_name}", f"--train.max_steps={steps}", "--train.scheduler=constant", "--train.warmup_ratio=0", "--train.log_every=1",
+            "--train.seed=0", "--train.eval_every=100000", "--method.dropout=0", "--eval.before=false",
+            "--eval.generate_metrics=false", "--eval.samples=[]", "--eval.num_samples=0",
+            f"--output.dir={out}/{{name}}", "--output.name=bench"])
+        rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    losses = [r["loss"] for r in train_rows]
+    secs = res.summary["train_seconds"]
+    return {"side": "tunesmith", "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
+            "tokens_per_s": train_rows[-1]["tokens_per_s"], "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]),
+            "losses": losses, "train_peak_gpu_mb": res.summary.get("train_peak_gpu_mb"), **_peaks()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--model", default=MODEL, help="model for both sides (default: the builtin SmolLM2)")
+    ap.add_argument("--worker", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        result = (run_trl if args.worker == "trl" else run_tunesmith)(args.steps, args.model)
+        Path(args.out).write_text(json.dumps(result))
+        return
+    results = []
+    for side in ("trl", "tunesmith"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--model", args.model,
+                            "--out", f.name],
+                           cwd=ROOT, check=True)
+            r = json.loads(Path(f.name).read_text())
+            r["wall_s"] = time.perf_counter() - t0
+            results.append(r)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nSFT, SmolLM2-135M + LoRA r16, batch {BATCH}, {args.steps} steps, {device}\n")
+    print("| side | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['side']} | {r['train_s']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} |")
+    trl, ours = results
+    print(f"\ntokens/s ratio (tunesmith / trl): {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
+    print(f"peak RSS ratio (tunesmith / trl): {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    if trl["peak_gpu_mb"]:
+        print(f"peak GPU memory ratio (tunesmith / trl): {ours['peak_gpu_mb'] / trl['peak_gpu_mb']:.2f}")
+    print(f"loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
+        json.dumps({"device": device, "steps": args.steps, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
