@@ -246,3 +246,13 @@ def test_every_pref_module_imports_first_in_a_fresh_process():
     for mod in ("tunesmith.pref.pairs", "tunesmith.pref.online", "tunesmith.pref.evaluate", "tunesmith.pref.objectives"):
         proc = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_make_pairs_leaves_empty_samples_out():
+    """A sample that stopped at once is not a response: preference data must not hold empty ones."""
+    from tunesmith.pref.pairs import _rows
+
+    row = _rows("p", [" good", "", " bad", "  "], [1.0, 5.0, -1.0, -9.0], "pair")
+    assert (row["chosen"], row["rejected"]) == (" good", " bad")
+    assert _rows("p", ["", " only"], [1.0, 0.0], "pair") is None
+    assert _rows("p", [" a", "", " b"], [0.0, 3.0, 1.0], "ranking")["responses"] == [" b", " a"]

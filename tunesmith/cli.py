@@ -147,7 +147,7 @@ def run(argv: list[str]) -> int:
                              on_progress=lambda s, i, n: print(f"\r{s}: {i}/{n} prompts", end="", file=sys.stderr, flush=True))
         print(file=sys.stderr)
         for split, s in summary.items():
-            print(f"{split}: {s['rows']} rows from {s['prompts']} prompts ({s['ties_skipped']} ties skipped), mean reward "
+            print(f"{split}: {s['rows']} rows from {s['prompts']} prompts ({s['skipped']} skipped: ties or fewer than 2 non-empty samples), mean reward "
                   f"best {s['mean_best_reward']:.3f} / worst {s['mean_worst_reward']:.3f}")
         print(f"written to {args.out}")
     elif args.command == "data":

@@ -38,7 +38,11 @@ def _policy(cfg: RunConfig, policy_run: str | None, device):
 
 
 def _rows(prompt, texts: list[str], scores: list[float], fmt: str) -> dict[str, Any] | None:
-    order = sorted(range(len(texts)), key=lambda i: -scores[i])  # best first
+    # A sample that stopped at once has no text to prefer or reject (and preference data must not
+    # hold empty responses): rank the others.
+    order = sorted((i for i in range(len(texts)) if texts[i].strip()), key=lambda i: -scores[i])  # best first
+    if len(order) < 2:
+        return None
     if fmt == "ranking":
         return {"prompt": prompt, "responses": [texts[i] for i in order], "scores": [round(scores[i], 4) for i in order]}
     best, worst = order[0], order[-1]
@@ -56,7 +60,9 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
 
     fmt "pair" writes prompt/chosen/rejected (best against worst sample; ties skipped), "ranking"
     writes prompt/responses/scores (all K, best first; the loader expands them into K(K-1)/2 pairs).
-    Returns per split: prompts, rows written, ties skipped, mean reward of the chosen and rejected.
+    Empty samples (the policy stopped at once) are left out of the ranking; a prompt with fewer
+    than two non-empty samples gives no row.
+    Returns per split: prompts, rows written, prompts skipped, mean reward of the best and worst.
     """
     from tunesmith.train.runtime import resolve_device
     from transformers import set_seed
@@ -96,13 +102,14 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
                     row = _rows(prompt, texts[j * per_prompt: (j + 1) * per_prompt], s, fmt)
                     if row is not None:
                         rows.append(row)
-                        best.append(max(s))
-                        worst.append(min(s))
+                        kept = row.get("scores") or [row["chosen_reward"], row["rejected_reward"]]
+                        best.append(max(kept))
+                        worst.append(min(kept))
                 if on_progress:
                     on_progress(split, min(i + per_batch, len(prompts)), len(prompts))
             with (tmp / f"{split}.jsonl").open("w") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            summary[split] = {"prompts": len(prompts), "rows": len(rows), "ties_skipped": len(prompts) - len(rows),
+            summary[split] = {"prompts": len(prompts), "rows": len(rows), "skipped": len(prompts) - len(rows),
                               "mean_best_reward": sum(best) / max(len(best), 1),
                               "mean_worst_reward": sum(worst) / max(len(worst), 1)}
         (tmp / "make_pairs.json").write_text(json.dumps(
