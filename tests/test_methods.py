@@ -117,3 +117,28 @@ def test_paged_optimizer_on_cpu_falls_back_with_a_note():
 
     cls, note = make_optimizer_class("paged_adamw_8bit", "cpu")
     assert "needs a CUDA GPU" in note and cls.__name__ == "AdamW8bit"
+
+
+def test_qlora_with_bf16_compute_keeps_the_frozen_embedding_in_bf16(tiny_llama, qa_rows, tmp_path):
+    """The QLoRA recipe: what 4-bit does not quantise (the embedding) is stored in the compute dtype,
+    not upcast to fp32; training, evaluation and generation still run (under bf16 autocast)."""
+    import torch
+
+    from tests.conftest import write_jsonl
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.quant import prepare_for_training, quantization_config
+    from tunesmith.train import train
+
+    method = MethodConfig(name="qlora", r=4, target_modules="all-linear")
+    tok = load_tokenizer(str(tiny_llama))
+    model = load_model(str(tiny_llama), "sft", pad_token_id=tok.pad_token_id, quantization=quantization_config(method, "bf16"))
+    model = prepare_for_training(model, "bf16")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16  # tied: the same tensor
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    res = train({"task": "sft", "model": {"name_or_path": str(tiny_llama)},
+                 "data": {"train": str(data), "val_size": 0, "test_size": 4, "chat_template": False},
+                 "method": {"name": "qlora", "r": 4, "target_modules": "all-linear"},
+                 "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "precision": "bf16"},
+                 "eval": {"max_new_tokens": 3, "num_samples": 1}, "output": {"dir": str(tmp_path / "{name}")}})
+    assert res.after["metrics"]["loss"] < res.before["metrics"]["loss"]

@@ -81,7 +81,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
                        dropout=cfg.model.dropout, attention_dropout=cfg.model.attention_dropout,
                        quantization=quant, device=str(acc.device))
     if quant is not None:
-        model = prepare_for_training(model)
+        model = prepare_for_training(model, precision)
     model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base_path)
     if not is_quantized(model):
         model.to(acc.device)
@@ -91,8 +91,9 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         _say("scoring the data with the reference policy ...", on_event)
         for split in data.splits.values():
             add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
-    check_gradients_reach(model, _first_batch(data, tokenizer, acc, cfg), for_task(gradient_task(cfg.task), cfg.pref),
-                          cfg.method.name)
+    with acc.autocast():  # the same precision as the training steps (a bf16 embedding needs it)
+        check_gradients_reach(model, _first_batch(data, tokenizer, acc, cfg), for_task(gradient_task(cfg.task), cfg.pref),
+                              cfg.method.name)
     params = param_report(model)
     quant_note = f", base quantised {cfg.method.opt('quantize')}" if quant is not None else ""
     _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)

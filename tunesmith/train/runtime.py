@@ -42,6 +42,11 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
+    # accelerate keeps one precision per process in a global state; a worker that runs an fp32 job
+    # and then a bf16 one must clear it (the distributed PartialState is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=device == "cpu")
     return acc, precision
 
