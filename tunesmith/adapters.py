@@ -13,7 +13,7 @@ from pathlib import Path
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
-from tunesmith.utils import atomic_folder, folder_bytes
+from tunesmith.utils import folder_bytes, output_folder
 
 MERGEABLE = {"LORA", "IA3", "LOHA", "LOKR"}  # linear updates that fold into the base weights
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
@@ -115,14 +115,6 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_folder(out: Path, overwrite: bool):
-    """atomic_folder that refuses to replace an existing non-empty folder unless asked."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TunesmithError(f"{out} already exists; choose another --out or pass --overwrite")
-    return atomic_folder(out)
-
-
 def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Fold a run's adapter into the full-precision base and save a plain transformers model.
 
@@ -141,7 +133,7 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
                              "with its base instead")
     loaded = load_run(run, quantized=False)
     merged = loaded.model.merge_and_unload()
-    with _atomic_folder(Path(out), overwrite) as tmp:
+    with output_folder(Path(out), overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -185,7 +177,7 @@ def combine(runs: list[str | Path], out: str | Path, weights: list[float] | None
     for k, r in enumerate(runs[1:], 1):
         model.load_adapter(str(Path(r) / "adapter"), adapter_name=f"a{k}")
     model.add_weighted_adapter(names, weights, adapter_name="combined", combination_type=how, density=density)
-    with _atomic_folder(Path(out), overwrite) as tmp:
+    with output_folder(Path(out), overwrite) as tmp:
         model.save_pretrained(tmp / "_peft", selected_adapters=["combined"])
         os.replace(tmp / "_peft" / "combined", tmp / "adapter")
         shutil.rmtree(tmp / "_peft")

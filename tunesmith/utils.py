@@ -28,6 +28,16 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def output_folder(out: Path, overwrite: bool):
+    """atomic_folder for a command's --out: refuses to replace an existing non-empty folder unless asked."""
+    from tunesmith.errors import TunesmithError
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TunesmithError(f"{out} already exists; choose another --out or pass --overwrite")
+    return atomic_folder(out)
+
+
 def folder_bytes(path: Path) -> int:
     """Bytes on disk under a folder (0 if it does not exist)."""
     p = Path(path)

@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.pref.data import encode_prompt, load_pref_examples, use_chat
 from tunesmith.pref.online import get_scorer, sample
-from tunesmith.utils import atomic_folder
+from tunesmith.utils import output_folder
 
 FORMATS = ("pair", "ranking")
 
@@ -75,8 +75,8 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
     if not (cfg.pref.reward_model or cfg.pref.reward_fn):
         raise ConfigError("make-pairs: the config names no reward; set pref.reward_model and/or pref.reward_fn")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"make-pairs: {out_dir} exists; pass --overwrite to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # checked before the slow sampling starts
+        output_folder(out_dir, overwrite)
     data_fmt, splits = load_pref_examples(cfg)
     if data_fmt != "prompt":
         raise TunesmithError(f"make-pairs needs prompts (a 'prompt' or 'text' column); {cfg.data.train} holds {data_fmt} data")
@@ -87,7 +87,7 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
     scorer = get_scorer(cfg, device)
     per_batch = max(1, cfg.eval.batch_size // per_prompt)
     summary: dict[str, dict[str, Any]] = {}
-    with atomic_folder(out_dir) as tmp:  # all splits or nothing
+    with output_folder(out_dir, overwrite) as tmp:  # all splits or nothing
         for split, examples in splits.items():
             prompts = [e.prompt for e in examples]
             rows, best, worst = [], [], []
