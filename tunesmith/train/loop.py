@@ -167,6 +167,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
                     row["early_stop"] = stop
                     bar.write(f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
+                row["elapsed_s"] = round(time.perf_counter() - start, 2)  # training clock incl. evals: time-to-accuracy
                 log(row)
                 ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog))
                 ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
