@@ -12,7 +12,9 @@ fp32 on a CPU without native bf16, bf16 autocast on a GPU.
 
 Each side runs in its own process, so its peak RSS is its own. The table reports:
 - tokens/s: non-padding tokens through training steps / training seconds;
-- peak RSS, and peak GPU memory where there is a GPU;
+- peak RSS from the start of the process to the end of training (model loading and data
+  included on both sides; tunesmith's final evaluation, which trl does not run, excluded and
+  reported apart in the JSON), and peak GPU memory where there is a GPU;
 - the mean training loss of the last 8 steps. The two batch orders differ (trl shuffles
   uniformly; tunesmith groups similar lengths), so the losses should agree only roughly.
 
@@ -81,6 +83,7 @@ def run_trl(steps: int, model_name: str) -> dict:
 
 def run_tunesmith(steps: int, model_name: str) -> dict:
     from tunesmith.train import train
+    from tunesmith.utils import peak_rss_mb
 
     with tempfile.TemporaryDirectory() as out:
         res = train(ROOT / "configs/sft-identity-lora.yaml", [
@@ -94,7 +97,9 @@ def run_tunesmith(steps: int, model_name: str) -> dict:
     secs = res.summary["train_seconds"]
     return {"side": "tunesmith", "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
             "tokens_per_s": train_rows[-1]["tokens_per_s"], "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]),
-            "losses": losses, "train_peak_gpu_mb": res.summary.get("train_peak_gpu_mb"), **_peaks()}
+            "losses": losses, "train_peak_gpu_mb": res.summary.get("train_peak_gpu_mb"), **_peaks(),
+            # like trl's figure, the peak up to the end of training (the run's final evaluation comes after)
+            "peak_rss_mb": res.summary["train_peak_rss_mb"], "peak_rss_with_eval_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -120,12 +125,26 @@ def main() -> None:
             results.append(r)
     import torch
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from stepbench import matmul_peak, run_point
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.runtime import resolve_precision
+
+    # MFU: model FLOPs per token, counted on one LoRA step of this model at this batch shape (every
+    # position a target), times tokens/s, over the matmul peak measured now in the same precision.
+    flops_per_token = run_point(model_name=args.model, seq=MAX_LEN, batch=BATCH, steps=1)["flops_per_step"] / (MAX_LEN * BATCH)
+    peak = matmul_peak(resolve_precision(TrainConfig(), "cuda" if torch.cuda.is_available() else "cpu"))
+    for r in results:
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSFT, SmolLM2-135M + LoRA r16, batch {BATCH}, {args.steps} steps, {device}\n")
-    print("| side | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps |\n|---|---|---|---|---|---|---|")
+    print("| side | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps | MFU |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['side']} | {r['train_s']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} |")
+              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} | {r['mfu']:.0%} |")
+    print(f"\n(MFU: {flops_per_token / 1e6:.0f} MFLOP per token x tokens/s over a {peak / 1e9:.0f} GFLOP/s matmul peak)")
     trl, ours = results
     print(f"\ntokens/s ratio (tunesmith / trl): {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
     print(f"peak RSS ratio (tunesmith / trl): {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
@@ -134,7 +153,8 @@ def main() -> None:
     print(f"loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
-        json.dumps({"device": device, "steps": args.steps, "results": results}, indent=2))
+        json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "peak_flops": peak,
+                    "flops_per_token": flops_per_token, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

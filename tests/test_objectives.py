@@ -139,6 +139,10 @@ def test_resume_equals_uninterrupted(tiny_llama, qa_rows, tmp_path):
     lf = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     lr = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert len(lf) > 6 and any(r["kind"] == "eval" for r in lf)
+    evals = [r for r in lf if r["kind"] == "eval"]  # the time-to-accuracy clock runs forward
+    assert all(0 < a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(evals, evals[1:]))
+    summary = json.loads((full / "run.json").read_text())
+    assert 0 < summary["train_peak_rss_mb"] <= summary["peak_rss_mb"]
     assert [(r["kind"], r["step"], round(r["loss"], 5)) for r in lf] == [(r["kind"], r["step"], round(r["loss"], 5)) for r in lr]
 
 

@@ -117,7 +117,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
         raise
 
-    train_peak_gpu = peak_gpu_mb()
+    train_peak_gpu, train_peak_rss = peak_gpu_mb(), peak_rss_mb()  # before the final evaluation adds its own
     model = acc.unwrap_model(model)
     if cfg.train.load_best and result.best_step is not None and result.best_step != result.steps:
         ckpt.load_weights(run_dir / "checkpoints" / "best", model)
@@ -131,7 +131,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
         "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
         "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-        "train_peak_gpu_mb": train_peak_gpu,
+        "train_peak_gpu_mb": train_peak_gpu, "train_peak_rss_mb": train_peak_rss,
         "rss_start_mb": rss_start, "model_memory_mb": model_memory_mb(model),
         "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
         "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
