@@ -142,3 +142,15 @@ def test_qlora_with_bf16_compute_keeps_the_frozen_embedding_in_bf16(tiny_llama, 
                  "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "precision": "bf16"},
                  "eval": {"max_new_tokens": 3, "num_samples": 1}, "output": {"dir": str(tmp_path / "{name}")}})
     assert res.after["metrics"]["loss"] < res.before["metrics"]["loss"]
+
+
+def test_bitfit_trains_biases_and_the_head_with_the_pooler(tiny_bert):
+    """BitFit on a BERT classifier: every bias, the new classifier, and the pooler in front of it.
+
+    The pooler counts as head (as for `head`): on a mean-pooling encoder such as all-MiniLM-L6-v2
+    its frozen output hardly varies, and BitFit stayed at chance on IMDB without it."""
+    m = apply_method(load_model(str(tiny_bert), "classification", ["a", "b"]), MethodConfig(name="bitfit"), "classification")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
+    assert all(n.endswith(".bias") or n.startswith(("classifier.", "bert.pooler.")) for n in trainable)
+    assert not any("attention.self.query.weight" in n for n in trainable)

@@ -17,19 +17,26 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return transformer_blocks(model)
 
 
-def train_head(model: nn.Module) -> None:
+def train_head(model: nn.Module, pooler: bool = False) -> None:
+    """Unfreeze the task head: the new classifier and, with `pooler`, a BERT-style pooler before it.
+
+    The pooler (dense + tanh on [CLS]) was trained for next-sentence prediction, or not at all:
+    on all-MiniLM-L6-v2, a mean-pooling sentence encoder, its outputs vary by about 0.03 across
+    reviews, too little signal for a new classifier to read unless the pooler's weights train too
+    (measured: BitFit stayed at chance on IMDB with the pooler frozen). The methods that train
+    the model's own weights (head, bitfit, selective) count it as part of the head; adapters
+    and peft methods change the body in front of it instead and leave it frozen.
+    """
     for name in head_module_names(model):
         getattr(model, name).requires_grad_(True)
+    for name, module in model.named_modules():
+        if pooler and name.endswith("pooler"):
+            module.requires_grad_(True)
 
 
 def apply_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     model.requires_grad_(False)
-    train_head(model)
-    for name, module in model.named_modules():
-        # BERT-style poolers (dense + tanh on [CLS]) were trained for next-sentence prediction
-        # and sit between the body and the new classifier: they belong to the task head.
-        if name.endswith("pooler"):
-            module.requires_grad_(True)
+    train_head(model, pooler=True)
     _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
     return model
 
@@ -44,7 +51,7 @@ def apply_bitfit(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
     for p in biases:
         p.requires_grad_(True)
     if task in HEAD_TASKS and cfg.train_head:
-        train_head(model)
+        train_head(model, pooler=True)
     return model
 
 
@@ -70,7 +77,7 @@ def apply_selective(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Modul
             blocks[i].requires_grad_(True)
     _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
     if task in HEAD_TASKS and cfg.train_head:
-        train_head(model)
+        train_head(model, pooler=True)
     return model
 
 
