@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from stepbench import ROOT, matmul_peak, mfu, run_point
+from stepbench import ROOT, machine, matmul_peak, mfu, run_point
 
 POINTS = [  # (model, sequence length, batch): the shapes the shipped configs train
     ("builtin:all-MiniLM-L6-v2", 256, 16),
@@ -33,13 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    import torch
-
-    from tunesmith.train.runtime import resolve_precision
-    from tunesmith.config import TrainConfig
-
-    precision = resolve_precision(TrainConfig(), "cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device, precision = machine()
     peak = matmul_peak(precision)
     points = [(m, 64, 4) for m, _, _ in POINTS[::2]] if args.quick else POINTS
     rows = [run_point(model_name=m, seq=s, batch=b, steps=1 if args.quick else 3) for m, s, b in points]

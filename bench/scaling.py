@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepbench import ROOT, matmul_peak, mfu, run_point
+from stepbench import ROOT, machine, matmul_peak, mfu, run_point
 
 GB8 = 8 * 1024
 
@@ -90,13 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    import torch
-
-    from tunesmith.config import TrainConfig
-    from tunesmith.train.runtime import resolve_precision
-
-    precision = resolve_precision(TrainConfig(), "cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device, precision = machine()
     peak = matmul_peak(precision)
     smol = "builtin:SmolLM2-135M-Instruct"
     seqs = [128, 256] if args.quick else [128, 256, 512, 1024, 2048, 4096]

@@ -123,21 +123,15 @@ def main() -> None:
             r = json.loads(Path(f.name).read_text())
             r["wall_s"] = time.perf_counter() - t0
             results.append(r)
-    import torch
+    from stepbench import machine, matmul_peak, run_point  # bench/ is on sys.path: this script lives there
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from stepbench import matmul_peak, run_point
-
-    from tunesmith.config import TrainConfig
-    from tunesmith.train.runtime import resolve_precision
-
+    device, precision = machine()
     # MFU: model FLOPs per token, counted on one LoRA step of this model at this batch shape (every
     # position a target), times tokens/s, over the matmul peak measured now in the same precision.
     flops_per_token = run_point(model_name=args.model, seq=MAX_LEN, batch=BATCH, steps=1)["flops_per_step"] / (MAX_LEN * BATCH)
-    peak = matmul_peak(resolve_precision(TrainConfig(), "cuda" if torch.cuda.is_available() else "cpu"))
+    peak = matmul_peak(precision)
     for r in results:
         r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSFT, SmolLM2-135M + LoRA r16, batch {BATCH}, {args.steps} steps, {device}\n")
     print("| side | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps | MFU |\n"
           "|---|---|---|---|---|---|---|---|")

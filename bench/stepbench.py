@@ -28,6 +28,18 @@ SCRATCH = {"scratch:360m": {"hidden_size": 960, "intermediate_size": 2560, "num_
                             "num_attention_heads": 15, "num_key_value_heads": 5}}
 
 
+def machine() -> tuple[str, str]:
+    """(device in words, the precision `precision: auto` trains in here): the header of every table."""
+    import torch
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.runtime import resolve_precision
+
+    gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    return device, resolve_precision(TrainConfig(), "cuda" if gpu else "cpu")
+
+
 def matmul_peak(dtype: str = "fp32", n: int = 2048, reps: int = 5) -> float:
     """Best achieved FLOP/s of an n x n matmul on this process's threads (the MFU denominator)."""
     import torch

@@ -160,9 +160,9 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--worker", side, "--data", str(data), "--out", str(out)]
                            + (["--quick"] if args.quick else []), cwd=ROOT, check=True)
             results[side] = json.loads(out.read_text()) | {"process_s": time.perf_counter() - t0}
-    import torch
+    from stepbench import machine  # bench/ is on sys.path: this script lives there
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device, _ = machine()
     print(f"\nIMDB sentiment, {n} train / {n} held-out reviews, {device}\n")
     for side, r in results.items():
         print(f"{r['side']}: held-out accuracy by time")
