@@ -28,14 +28,19 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def output_folder(out: Path, overwrite: bool):
-    """atomic_folder for a command's --out: refuses to replace an existing non-empty folder unless asked."""
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """A command's --out may be new or empty; an existing non-empty folder only with --overwrite."""
     from tunesmith.errors import TunesmithError
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunesmithError(f"{out} already exists; choose another --out or pass --overwrite")
-    return atomic_folder(out)
+
+
+def output_folder(out: Path, overwrite: bool):
+    """atomic_folder for a command's --out, after check_output_folder."""
+    check_output_folder(out, overwrite)
+    return atomic_folder(Path(out))
 
 
 def folder_bytes(path: Path) -> int:

@@ -29,9 +29,10 @@ def train_head(model: nn.Module, pooler: bool = False) -> None:
     """
     for name in head_module_names(model):
         getattr(model, name).requires_grad_(True)
-    for name, module in model.named_modules():
-        if pooler and name.endswith("pooler"):
-            module.requires_grad_(True)
+    if pooler:
+        for name, module in model.named_modules():
+            if name.endswith("pooler"):
+                module.requires_grad_(True)
 
 
 def apply_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:

@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.pref.data import encode_prompt, load_pref_examples, use_chat
 from tunesmith.pref.online import get_scorer, sample
-from tunesmith.utils import output_folder
+from tunesmith.utils import check_output_folder, output_folder
 
 FORMATS = ("pair", "ranking")
 
@@ -75,8 +75,7 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
     if not (cfg.pref.reward_model or cfg.pref.reward_fn):
         raise ConfigError("make-pairs: the config names no reward; set pref.reward_model and/or pref.reward_fn")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # checked before the slow sampling starts
-        output_folder(out_dir, overwrite)
+    check_output_folder(out_dir, overwrite)  # now, not after the slow sampling
     data_fmt, splits = load_pref_examples(cfg)
     if data_fmt != "prompt":
         raise TunesmithError(f"make-pairs needs prompts (a 'prompt' or 'text' column); {cfg.data.train} holds {data_fmt} data")
