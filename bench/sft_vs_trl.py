@@ -2,6 +2,7 @@
 
     python bench/sft_vs_trl.py                 # 32 optimizer steps each, on this machine's device
     python bench/sft_vs_trl.py --steps 8       # a quick look
+    python bench/sft_vs_trl.py --gc on         # only the gradient-checkpointing pair
 
 Both sides train SmolLM2-135M-Instruct with LoRA (r 16, alpha 32, dropout 0, every linear layer)
 on the identity SFT data (examples/data/identity: prompt/completion pairs, rendered with the
@@ -9,6 +10,11 @@ model's chat template under the same system prompt, loss on the completion only,
 Both use batch 8, a constant learning rate of 1e-3 with no warmup, AdamW with weight decay 0.01,
 gradient clipping at 1.0, no packing and seed 0. Precision is each side's default on this machine:
 fp32 on a CPU without native bf16, bf16 autocast on a GPU.
+
+Gradient checkpointing is set the same on both sides, once on and once off (`--gc both`, the
+default). trl's SFTConfig turns it on by default and tunesmith leaves it off by default, so
+comparing the two defaults would set a memory-saving, compute-costing trl against a tunesmith
+that keeps every activation. Each pair's ratios are printed separately.
 
 Each side runs in its own process, so its peak RSS is its own. The table reports:
 - tokens/s: non-padding tokens through training steps / training seconds;
@@ -46,7 +52,7 @@ def _peaks() -> dict:
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
 
 
-def run_trl(steps: int, model_name: str) -> dict:
+def run_trl(steps: int, model_name: str, gc: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -67,6 +73,7 @@ def run_trl(steps: int, model_name: str) -> dict:
                          lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
                          logging_steps=1, save_strategy="no", report_to=[], max_length=MAX_LEN, packing=False,
                          seed=0, bf16=gpu, use_cpu=not gpu, include_num_input_tokens_seen="non_padding",
+                         gradient_checkpointing=gc,
                          dataloader_num_workers=0, disable_tqdm=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
@@ -77,11 +84,11 @@ def run_trl(steps: int, model_name: str) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     secs = result.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen)
-    return {"side": "trl SFTTrainer", "steps": steps, "train_s": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
+    return {"side": "trl SFTTrainer", "gc": gc, "steps": steps, "train_s": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
             "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]), "losses": losses, **_peaks()}
 
 
-def run_tunesmith(steps: int, model_name: str) -> dict:
+def run_tunesmith(steps: int, model_name: str, gc: bool) -> dict:
     from tunesmith.train import train
     from tunesmith.utils import peak_rss_mb
 
@@ -90,14 +97,16 @@ def run_tunesmith(steps: int, model_name: str) -> dict:
             f"--model.name_or_path={model_name}", f"--train.max_steps={steps}", "--train.scheduler=constant", "--train.warmup_ratio=0", "--train.log_every=1",
             "--train.seed=0", "--train.eval_every=100000", "--method.dropout=0", "--eval.before=false",
             "--eval.generate_metrics=false", "--eval.samples=[]", "--eval.num_samples=0",
+            f"--train.gradient_checkpointing={str(gc).lower()}",
             f"--output.dir={out}/{{name}}", "--output.name=bench"])
         rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     secs = res.summary["train_seconds"]
-    return {"side": "tunesmith", "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
+    return {"side": "tunesmith", "gc": gc, "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
             "tokens_per_s": train_rows[-1]["tokens_per_s"], "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]),
-            "losses": losses, "train_peak_gpu_mb": res.summary.get("train_peak_gpu_mb"), **_peaks(),
+            "losses": losses, **_peaks(), "peak_gpu_with_eval_mb": _peaks()["peak_gpu_mb"],
+            "peak_gpu_mb": res.summary.get("train_peak_gpu_mb"),  # reset before the first step, like trl's
             # like trl's figure, the peak up to the end of training (the run's final evaluation comes after)
             "peak_rss_mb": res.summary["train_peak_rss_mb"], "peak_rss_with_eval_mb": peak_rss_mb()}
 
@@ -106,23 +115,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--model", default=MODEL, help="model for both sides (default: the builtin SmolLM2)")
+    ap.add_argument("--gc", choices=["both", "on", "off"], default="both",
+                    help="gradient checkpointing on both sides: on, off, or each in turn (default)")
     ap.add_argument("--worker", choices=["trl", "tunesmith"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        result = (run_trl if args.worker == "trl" else run_tunesmith)(args.steps, args.model)
+        result = (run_trl if args.worker == "trl" else run_tunesmith)(args.steps, args.model, args.gc == "on")
         Path(args.out).write_text(json.dumps(result))
         return
     results = []
-    for side in ("trl", "tunesmith"):
+    settings = ["on", "off"] if args.gc == "both" else [args.gc]
+    for gc, side in [(gc, side) for gc in settings for side in ("trl", "tunesmith")]:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(args.steps), "--model", args.model,
-                            "--out", f.name],
+                            "--gc", gc, "--out", f.name],
                            cwd=ROOT, check=True)
             r = json.loads(Path(f.name).read_text())
             r["wall_s"] = time.perf_counter() - t0
             results.append(r)
+        # each side's figures are on disk before the MFU step below, which loads the model again
+        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        (ROOT / "bench" / "results" / "sft_vs_trl-sides.json").write_text(json.dumps(results, indent=2))
     from stepbench import machine, matmul_peak, run_point  # bench/ is on sys.path: this script lives there
 
     device, precision = machine()
@@ -133,18 +148,19 @@ def main() -> None:
     for r in results:
         r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     print(f"\nSFT, SmolLM2-135M + LoRA r16, batch {BATCH}, {args.steps} steps, {device}\n")
-    print("| side | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps | MFU |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| side | gradient checkpointing | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps | MFU |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['side']} | {r['train_s']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} | {r['mfu']:.0%} |")
+        print(f"| {r['side']} | {'on' if r['gc'] else 'off'} | {r['train_s']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} | {r['mfu']:.1%} |")
     print(f"\n(MFU: {flops_per_token / 1e6:.0f} MFLOP per token x tokens/s over a {peak / 1e9:.0f} GFLOP/s matmul peak)")
-    trl, ours = results
-    print(f"\ntokens/s ratio (tunesmith / trl): {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
-    print(f"peak RSS ratio (tunesmith / trl): {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-    if trl["peak_gpu_mb"]:
-        print(f"peak GPU memory ratio (tunesmith / trl): {ours['peak_gpu_mb'] / trl['peak_gpu_mb']:.2f}")
-    print(f"loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
+    for trl, ours in zip(results[::2], results[1::2]):
+        print(f"\ngradient checkpointing {'on' if trl['gc'] else 'off'} on both sides:")
+        print(f"  tokens/s ratio (tunesmith / trl): {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
+        print(f"  peak RSS ratio (tunesmith / trl): {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        if trl["peak_gpu_mb"]:
+            print(f"  peak GPU memory ratio (tunesmith / trl): {ours['peak_gpu_mb'] / trl['peak_gpu_mb']:.2f}")
+        print(f"  loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
         json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "peak_flops": peak,

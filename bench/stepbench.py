@@ -4,8 +4,8 @@
 - `measure_step()`: build a model the way `tunesmith train` does (loader, method, optimizer),
   run training steps on a fixed random batch, and report seconds per step, the FLOPs of one
   step (counted by torch's FlopCounterMode, forward and backward, so a frozen base's missing
-  weight gradients are not counted; attention's matmuls added by formula where the counter
-  cannot see the CPU SDPA kernel), and the process's peak RSS.
+  weight gradients are not counted; attention's matmuls added by formula on every device), and
+  the process's peak RSS.
 - `run_point()`: the same in a fresh subprocess, so each point's peak memory is its own.
 
 Random token ids make the timing independent of any dataset: every position is a real token and
@@ -132,21 +132,30 @@ def measure_step(model_name: str, seq: int, batch: int, steps: int = 3, gc: bool
     step_s = median(times)
     peak_rss = peak_rss_mb()  # before the counted step: the counter's bookkeeping is not training's memory
     peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
-    counter = FlopCounterMode(display=False)
+    # Attention is counted by formula on every device. FlopCounterMode counts the GPU SDPA kernels
+    # but not the CPU one (0 FLOPs), and its GPU formula asserts on grouped-query shapes (SmolLM2's
+    # 9 query heads over 3 key/value heads), so the counter is told to skip the fused kernels.
+    counter = FlopCounterMode(display=False, custom_mapping={op: _no_flops for op in _fused_attention_ops()})
     with counter:
         step()
     counted = counter.get_total_flops()
-    # FlopCounterMode counts the GPU SDPA kernels but not the CPU one: add attention's matmuls
-    # (QK^T and AV, forward and backward: 12 x layers x hidden x seq^2 per sequence, the usual
-    # model-FLOPs convention, causal masks not halved) when the counter saw none.
-    seen_attention = any("scaled_dot_product" in str(op) for op in counter.get_flop_counts().get("Global", {}))
-    attention = 0 if seen_attention else attention_flops(acc.unwrap_model(model).config, seq, batch)
+    attention = attention_flops(acc.unwrap_model(model).config, seq, batch)
     flops = counted + attention
     return {"model": model_name, "seq": seq, "batch": batch, "gc": gc, "precision": precision,
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "step_s": step_s, "tokens_per_s": batch * seq / step_s, "flops_per_step": flops,
             "flops_counted": counted, "flops_attention_added": attention, "achieved_flops": flops / step_s, "load_s": load_s,
             "rss_loaded_mb": rss_loaded, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu}
+
+
+def _no_flops(*args, **kwargs) -> int:
+    return 0
+
+
+def _fused_attention_ops() -> list:
+    from torch.utils.flop_counter import flop_registry
+
+    return [op for op in flop_registry if str(op).startswith("aten.") and "attention" in str(op)]
 
 
 def attention_flops(config, seq: int, batch: int) -> int:
