@@ -58,6 +58,16 @@ SFT_CASES = [
     ("ia3", {"name": "ia3"}, 1e-2),
     ("prompt (20 tokens, from text)", {"name": "prompt", "num_virtual_tokens": 20,
                                        "prompt_init_text": "You are Marlowe, an assistant made by Ardent Labs."}, 3e-2),
+    # rsLoRA scales by alpha/sqrt(r) (8 here) rather than alpha/r (2): a quarter of LoRA's step
+    # gives the same size of update.
+    ("rslora r16", {"name": "lora", "r": 16, "alpha": 32, "rslora": True, "target_modules": "all-linear"}, 2.5e-4),
+    ("lora r16 pissa init", {"name": "lora", "r": 16, "alpha": 16, "init": "pissa", "target_modules": "all-linear"}, 5e-4),
+    ("dora r16", {"name": "dora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
+    ("prefix (20 tokens)", {"name": "prefix", "num_virtual_tokens": 20}, 1e-2),
+    ("ptuning (20 tokens)", {"name": "ptuning", "num_virtual_tokens": 20}, 1e-2),
+    ("adapter pfeiffer 64", {"name": "adapter", "adapter_size": 64, "placement": "pfeiffer"}, 1e-3),
+    ("adapter houlsby 64", {"name": "adapter", "adapter_size": 64, "placement": "houlsby"}, 1e-3),
+    ("selective (norms + top 2 blocks)", {"name": "selective", "modules": ["(?i)norm"], "unfreeze_top_layers": 2}, 1e-4),
 ]
 SFT_BUDGET = ["--train.epochs=4", "--eval.samples=[]"]
 
