@@ -168,9 +168,13 @@ def test_online_rl_raises_a_programmatic_reward(tmp_path, rl_llama, task):
     res = train(_cfg(tmp_path, tiny_llama, task, data, data__test_size=16, train__max_steps=30, train__lr=2e-2,
                      train__eval_every=30, pref__reward_fn=f"{tmp_path / 'rw.py'}:reward", pref__max_new_tokens=8,
                      pref__rollout_prompts=8, pref__num_generations=4, pref__ppo_epochs=2, pref__mini_batch_size=16,
-                     pref__kl_coef=0.01, pref__beta=0.01))
+                     pref__kl_coef=0.01, pref__beta=0.01, pref__kl_target=0.5, pref__kl_horizon=800))
     rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
+    if task == "ppo":  # the adaptive controller: the coefficient rises after a rollout above the KL target, falls below it
+        assert train_rows[0]["kl_coef"] == 0.01
+        for row, nxt in zip(train_rows, train_rows[1:]):
+            assert (nxt["kl_coef"] > row["kl_coef"]) == (row["kl"] > 0.5)
     # LoRA starts as the identity: the first rollout's policy IS the reference, so its KL (and PPO's penalty) is 0
     assert train_rows[0]["kl"] == 0.0
     first, last = train_rows[:5], train_rows[-5:]

@@ -135,6 +135,19 @@ def test_kl_penalty_is_zero_when_policy_equals_reference_and_score_lands_on_last
     assert torch.allclose(rewards, -0.1 * mask)
 
 
+def test_adaptive_kl_coef_by_hand():
+    # Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert L.adapt_kl_coef(0.1, kl=6.0, target=5.0, n_samples=16, horizon=160) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert L.adapt_kl_coef(0.1, kl=50.0, target=5.0, n_samples=16, horizon=160) == pytest.approx(0.1 * 1.02)  # clipped
+    assert L.adapt_kl_coef(0.1, kl=4.5, target=5.0, n_samples=16, horizon=160) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert L.adapt_kl_coef(0.1, kl=5.0, target=5.0, n_samples=16, horizon=160) == pytest.approx(0.1)
+    # held above target, the coefficient keeps growing: the KL penalty tightens until KL comes down
+    coef = 0.1
+    for _ in range(50):
+        coef = L.adapt_kl_coef(coef, kl=10.0, target=5.0, n_samples=16, horizon=160)
+    assert coef == pytest.approx(0.1 * 1.02 ** 50)
+
+
 def test_ppo_policy_and_value_losses_by_hand():
     lp, old = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.9]])
     adv, mask, clip = torch.tensor([[1.0, -2.0]]), torch.ones(1, 2), 0.2

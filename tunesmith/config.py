@@ -286,7 +286,12 @@ class PreferenceConfig(_Section):
     num_generations: int = Field(4, ge=2, description="[grpo] Samples per prompt (the group).")
     ppo_epochs: int = Field(4, ge=1, description="[ppo, grpo] Optimisation passes over each rollout.")
     mini_batch_size: int = Field(8, ge=1, description="[ppo, grpo] Sequences per optimisation step within a rollout.")
-    kl_coef: float = Field(0.05, ge=0, description="[ppo] Per-token KL penalty to the reference policy.")
+    kl_coef: float = Field(0.05, ge=0, description="[ppo] Per-token KL penalty to the reference policy (the start "
+                           "value when kl_target is set).")
+    kl_target: float | None = Field(None, gt=0, description="[ppo] Adapt kl_coef after each rollout to hold the KL to "
+                                    "the reference near this many nats per sequence (Ziegler et al. 2019); unset: fixed.")
+    kl_horizon: int = Field(10000, ge=1, description="[ppo] With kl_target: samples over which kl_coef may change by "
+                            "about 20%; smaller reacts faster.")
     gamma: float = Field(1.0, gt=0, le=1, description="[ppo] Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="[ppo] GAE lambda.")
     clip_range: float = Field(0.2, gt=0, description="[ppo, grpo] Policy ratio clipping.")

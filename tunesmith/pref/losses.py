@@ -143,6 +143,17 @@ def kl_penalised_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: to
     return rewards, kl
 
 
+def adapt_kl_coef(kl_coef: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
+    """One step of the adaptive KL controller of Ziegler et al. 2019 (section 2.2).
+
+    The coefficient moves towards whatever keeps the measured KL (nats per sequence) near
+    `target`: e = clip(kl / target - 1, -0.2, 0.2); kl_coef *= 1 + e * n_samples / horizon.
+    The clip bounds the change per rollout, so one noisy rollout cannot swing it.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_samples / horizon)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over right-padded completions.

@@ -33,6 +33,7 @@ from tunesmith.config import PROMPT_METHODS, RunConfig
 from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.pref.data import reward_text
 from tunesmith.pref.losses import (
+    adapt_kl_coef,
     entropy,
     gae,
     group_advantages,
@@ -251,7 +252,8 @@ class RunningMoments:
         return {"n": self.n, "mean": self.mean, "m2": self.m2}
 
 
-def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, scheduler, acc, params) -> dict:
+def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, scheduler, acc, params,
+              kl_coef: float) -> dict:
     """PPO or GRPO passes over one rollout; returns the step's averaged losses."""
     p, grpo = cfg.pref, cfg.task == "grpo"
     policy, v_head = bundle["policy"], (None if grpo else bundle["value"])
@@ -261,7 +263,7 @@ def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, sch
         if grpo:
             adv = group_advantages(ro.scores, p.num_generations)  # (N,)
         else:
-            rewards, _ = kl_penalised_rewards(ro.scores, ro.logps, ro.ref_logps, ro.mask, p.kl_coef)
+            rewards, _ = kl_penalised_rewards(ro.scores, ro.logps, ro.ref_logps, ro.mask, kl_coef)
             adv, returns = gae(rewards, ro.values, ro.mask, p.gamma, p.lam)
             if p.whiten_advantages:
                 adv = masked_whiten(adv, ro.mask)
@@ -325,7 +327,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
                               num_warmup_steps=int(t.warmup_ratio * total_steps * updates_per_step),
                               num_training_steps=total_steps * updates_per_step)
     params = [q for q in bundle.parameters() if q.requires_grad]
-    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None}
+    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef}
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:
         ckpt.load_weights(resume_from, bundle)
@@ -361,15 +363,19 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             if not grpo and p.normalize_reward:
                 moments.update(raw)
                 ro.scores = raw / moments.std
-            losses = _optimise(bundle, ro, cfg, optimizer, scheduler, acc, params)
+            kl_coef = prog.get("kl_coef", p.kl_coef)  # the coefficient this rollout's rewards use
+            losses = _optimise(bundle, ro, cfg, optimizer, scheduler, acc, params, kl_coef)
             prog["step"] += 1
             prog["batch"] += 1
             tokens += int(ro.attn.sum())
             kl = ((ro.logps - ro.ref_logps) * ro.mask).sum(-1)  # per-sequence KL estimate to the reference
+            if not grpo and p.kl_target is not None:
+                prog["kl_coef"] = adapt_kl_coef(kl_coef, float(kl.mean()), p.kl_target, len(kl), p.kl_horizon)
             row = {"kind": "train", "step": prog["step"], "epoch": round(prog["epoch"] + prog["batch"] / len(batches), 3),
                    "reward": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
                    "kl": float(kl.mean()), "entropy": float(masked_mean(ro.entropy, ro.mask)),
                    "completion_tokens": float(ro.mask.sum(-1).float().mean()), **losses,
+                   **({} if grpo else {"kl_coef": kl_coef}),
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
             log(row)
             print(f"step {row['step']}/{total_steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
