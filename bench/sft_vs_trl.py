@@ -165,6 +165,7 @@ def main() -> None:
     (ROOT / "bench" / "results" / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
         json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "peak_flops": peak,
                     "flops_per_token": flops_per_token, "results": results}, indent=2))
+    (ROOT / "bench" / "results" / "sft_vs_trl-sides.json").unlink(missing_ok=True)  # superseded by the file above
 
 
 if __name__ == "__main__":
