@@ -103,9 +103,10 @@ def run_tunesmith(steps: int, model_name: str, gc: bool) -> dict:
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     secs = res.summary["train_seconds"]
+    peaks = _peaks()
     return {"side": "tunesmith", "gc": gc, "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
             "tokens_per_s": train_rows[-1]["tokens_per_s"], "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]),
-            "losses": losses, **_peaks(), "peak_gpu_with_eval_mb": _peaks()["peak_gpu_mb"],
+            "losses": losses, **peaks, "peak_gpu_with_eval_mb": peaks["peak_gpu_mb"],
             "peak_gpu_mb": res.summary.get("train_peak_gpu_mb"),  # reset before the first step, like trl's
             # like trl's figure, the peak up to the end of training (the run's final evaluation comes after)
             "peak_rss_mb": res.summary["train_peak_rss_mb"], "peak_rss_with_eval_mb": peak_rss_mb()}
@@ -124,6 +125,8 @@ def main() -> None:
         result = (run_trl if args.worker == "trl" else run_tunesmith)(args.steps, args.model, args.gc == "on")
         Path(args.out).write_text(json.dumps(result))
         return
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
     results = []
     settings = ["on", "off"] if args.gc == "both" else [args.gc]
     for gc, side in [(gc, side) for gc in settings for side in ("trl", "tunesmith")]:
@@ -136,8 +139,7 @@ def main() -> None:
             r["wall_s"] = time.perf_counter() - t0
             results.append(r)
         # each side's figures are on disk before the MFU step below, which loads the model again
-        (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "bench" / "results" / "sft_vs_trl-sides.json").write_text(json.dumps(results, indent=2))
+        (results_dir / "sft_vs_trl-sides.json").write_text(json.dumps(results, indent=2))
     from stepbench import machine, matmul_peak, run_point  # bench/ is on sys.path: this script lives there
 
     device, precision = machine()
@@ -161,11 +163,10 @@ def main() -> None:
         if trl["peak_gpu_mb"]:
             print(f"  peak GPU memory ratio (tunesmith / trl): {ours['peak_gpu_mb'] / trl['peak_gpu_mb']:.2f}")
         print(f"  loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
+    (results_dir / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
         json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "peak_flops": peak,
                     "flops_per_token": flops_per_token, "results": results}, indent=2))
-    (ROOT / "bench" / "results" / "sft_vs_trl-sides.json").unlink(missing_ok=True)  # superseded by the file above
+    (results_dir / "sft_vs_trl-sides.json").unlink(missing_ok=True)  # superseded by the file above
 
 
 if __name__ == "__main__":
