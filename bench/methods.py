@@ -65,6 +65,10 @@ SFT_CASES = [
     ("dora r16", {"name": "dora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
     ("prefix (20 tokens)", {"name": "prefix", "num_virtual_tokens": 20}, 1e-2),
     ("ptuning (20 tokens)", {"name": "ptuning", "num_virtual_tokens": 20}, 1e-2),
+    # Prefixes started from the frozen model's activations on a neutral text (which holds none of
+    # the answers) instead of N(0, 1): the random start costs the short budget its first epochs.
+    ("prefix (20 tokens, from text)", {"name": "prefix", "num_virtual_tokens": 20, "prompt_init_text":
+                                       "You are a helpful assistant. Answer the user's question in one short sentence."}, 1e-2),
     ("adapter pfeiffer 64", {"name": "adapter", "adapter_size": 64, "placement": "pfeiffer"}, 1e-3),
     ("adapter houlsby 64", {"name": "adapter", "adapter_size": 64, "placement": "houlsby"}, 1e-3),
     ("selective (norms + top 2 blocks)", {"name": "selective", "modules": ["(?i)norm"], "unfreeze_top_layers": 2}, 1e-4),

@@ -154,3 +154,51 @@ def test_bitfit_trains_biases_and_the_head_with_the_pooler(tiny_bert):
     assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
     assert all(n.endswith(".bias") or n.startswith(("classifier.", "bert.pooler.")) for n in trainable)
     assert not any("attention.self.query.weight" in n for n in trainable)
+
+
+def test_prefix_from_text_equals_the_text_in_front(tiny_llama):
+    """A prefix started from a text's activations makes the model act as if that text came first:
+    the prefixed model's logits on x equal the base model's on (the text's first n tokens + x)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    text, n = "hello world the movie was very good", 5
+    base = load_model(str(tiny_llama), "sft").eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    lead = tok(text, return_tensors="pt")["input_ids"][:, :n]
+    assert lead.shape[1] == n
+    x = tok("who are you", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([lead, x], 1)).logits[:, n:]
+    m = apply_method(base, MethodConfig(name="prefix", num_virtual_tokens=n, prompt_init_text=text), "sft",
+                     tokenizer_path=str(tiny_llama)).eval()
+    with torch.no_grad():
+        got = m(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        with m.disable_adapter():
+            plain = m(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(plain, want, atol=1e-3)  # the prefix, not the base, changed the answer
+    assert _trainable(m) == {"prompt_encoder.default.embedding.weight"}
+
+
+def test_prefix_from_text_repeats_a_short_text(tiny_llama):
+    import torch
+
+    m = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name="prefix", num_virtual_tokens=12,
+                     prompt_init_text="hello world"), "sft", tokenizer_path=str(tiny_llama))
+    w = m.prompt_encoder["default"].embedding.weight
+    assert w.shape[0] == 12 and torch.isfinite(w).all()
+
+
+def test_prefix_from_text_config_errors():
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="without prefix_projection"):
+        load_config({"data": {"train": "x.jsonl"}, "task": "sft",
+                     "method": {"name": "prefix", "prefix_projection": True, "prompt_init_text": "hi"}})
+    with pytest.raises(ConfigError, match="only a causal LM"):
+        load_config({"data": {"train": "x.jsonl"}, "task": "classification",
+                     "method": {"name": "prefix", "prompt_init_text": "hi"}})
+    with pytest.raises(ConfigError, match="not an option of method 'ptuning'"):
+        load_config({"data": {"train": "x.jsonl"}, "method": {"name": "ptuning", "prompt_init_text": "hi"}})

@@ -128,7 +128,7 @@ _METHOD_OPTIONS: dict[str, tuple[frozenset[str], Any]] = {
     "double_quant": (frozenset({"lora", "dora", "qlora"}), True),
     "feedforward_modules": (frozenset({"ia3"}), None),
     "num_virtual_tokens": (PROMPT_METHODS, 20),
-    "prompt_init_text": (frozenset({"prompt"}), None),
+    "prompt_init_text": (frozenset({"prompt", "prefix"}), None),
     "encoder_hidden_size": (frozenset({"ptuning"}), 128),
     "prefix_projection": (frozenset({"prefix"}), False),
     "adapter_size": (frozenset({"adapter"}), 64),
@@ -168,7 +168,9 @@ class MethodConfig(_Section):
         None, description="[ia3] Which target modules are feed-forward (scaled on their input, not output).")
     num_virtual_tokens: int | None = Field(None, ge=1, description="[prefix, prompt, ptuning] Virtual tokens (default 20).")
     prompt_init_text: str | None = Field(
-        None, description="[prompt] Initialise the soft prompt from this text's token embeddings (default: random).")
+        None, description="[prompt, prefix] Start from this text instead of at random: prompt tuning takes the text's "
+        "token embeddings; prefix tuning takes the key/value activations the frozen model computes on it in every "
+        "layer (Li & Liang 2021; causal LMs, no prefix_projection). Repeated if shorter than num_virtual_tokens.")
     encoder_hidden_size: int | None = Field(None, ge=1, description="[ptuning] Hidden size of the prompt encoder MLP (default 128).")
     prefix_projection: bool | None = Field(None, description="[prefix] Reparametrise prefixes through an MLP (default false).")
     adapter_size: int | None = Field(None, ge=1, description="[adapter] Bottleneck width (default 64).")
@@ -190,6 +192,9 @@ class MethodConfig(_Section):
             wrong.append("method.quantize: qlora means a 4-bit base; use nf4/fp4, or method lora with quantize int8")
         if self.double_quant is not None and self.opt("quantize") not in ("nf4", "fp4"):
             wrong.append("method.double_quant: only applies to a 4-bit base (quantize nf4 or fp4)")
+        if self.name == "prefix" and self.prompt_init_text is not None and self.prefix_projection:
+            wrong.append("method.prompt_init_text: prefix tuning can start from a text's activations only without "
+                         "prefix_projection (the MLP's input cannot be solved for from them)")
         if self.name == "selective" and not (self.modules or self.layers or self.unfreeze_top_layers):
             wrong.append("method.selective: say what trains with modules, layers and/or unfreeze_top_layers")
         if wrong:
@@ -330,6 +335,9 @@ class RunConfig(_Section):
             problems.append("data.train: required (a data file, folder or builtin: alias)")
         if self.method.name == "head" and self.task not in ("classification", "reward"):
             problems.append("method.name: 'head' trains a new classification head; use it with task: classification or reward")
+        if self.method.name == "prefix" and self.method.prompt_init_text is not None and self.task in HEAD_TASKS:
+            problems.append("method.prompt_init_text: prefix tuning starts from a text's key/value cache, which only a "
+                            "causal LM returns; on a classifier use a random start or method prompt with prompt_init_text")
         if self.task in ONLINE_TASKS and not (self.pref.reward_model or self.pref.reward_fn):
             problems.append(f"pref.reward_model / pref.reward_fn: task {self.task} needs a reward (a reward-model run, "
                             "a Python function, or both)")
