@@ -394,7 +394,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
                 raise TrainingCancelled(f"cancelled at step {step}; resume with --resume")
     if not grpo:
         torch.save(bundle["value"].state_dict(), run_dir / "value_head.pt")
-    plot_rl_curves(metrics_path, run_dir / "rl_curves.png")
+    plot_rl_curves(metrics_path, run_dir / "rl_curves.png", None if grpo else p.kl_target)
     return FitResult(steps=prog["step"], best_metric="reward", best_value=None, best_step=None, stopped_early=False,
                      train_seconds=time.perf_counter() - start, history=history)
 
@@ -410,8 +410,9 @@ def get_scorer(cfg: RunConfig, device) -> RewardScorer:
     return _SCORERS[key]
 
 
-def plot_rl_curves(metrics_path: Path, out_png: Path) -> None:
-    """Mean reward and KL to the reference per step."""
+def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = None) -> None:
+    """Mean reward and KL to the reference per step; with PPO, the KL coefficient on a second axis
+    (and the controller's target, when there is one), so a reader sees what held the KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,6 +427,13 @@ def plot_rl_curves(metrics_path: Path, out_png: Path) -> None:
     ax1.set_title("mean reward per rollout")
     ax2.plot([r["step"] for r in rows], [r["kl"] for r in rows], lw=1, color="tab:red")
     ax2.set_title("KL to reference (per sequence)")
+    if kl_target is not None:
+        ax2.axhline(kl_target, ls="--", lw=1, color="tab:red", alpha=0.6, label=f"kl_target {kl_target:g}")
+        ax2.legend(loc="upper left", fontsize=8)
+    if any("kl_coef" in r for r in rows):
+        ax3 = ax2.twinx()
+        ax3.plot([r["step"] for r in rows], [r.get("kl_coef") for r in rows], lw=1, color="tab:gray")
+        ax3.set_ylabel("kl_coef", color="tab:gray")
     for ax in (ax1, ax2):
         ax.set_xlabel("step")
     fig.tight_layout()
