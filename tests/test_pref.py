@@ -128,6 +128,15 @@ def test_policy_objectives_learn_the_preference(tmp_path, tiny_llama, task, extr
         assert after["accuracy"] >= 0.8
     if task == "dpo" and not extra:  # the policy equals the reference before training: loss log 2, no margin
         assert before["loss"] == pytest.approx(0.6931, abs=1e-3) and before["margin"] == pytest.approx(0.0, abs=1e-5)
+        assert before["ref_logratio"] == pytest.approx(0.0, abs=1e-5) and after["ref_logratio"] != 0
+        # implicit rewards and the drift from the reference are logged per training step, and plotted
+        rows = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["kind"] == "train"]
+        assert all({"chosen_reward", "rejected_reward", "margin", "ref_logratio"} <= set(r) for r in steps)
+        assert steps[-1]["margin"] > steps[0]["margin"]
+        assert (res.run_dir / "pref_curves.png").is_file()
+    if task == "orpo":
+        assert not (res.run_dir / "pref_curves.png").exists()  # no chosen/rejected rewards to plot
 
 
 # ---------------------------------------------------------------- online RL

@@ -101,3 +101,36 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def plot_pref_curves(metrics_path: Path, out_png: Path) -> bool:
+    """Per training step of a pairwise objective: chosen and rejected rewards and their margin
+    (DPO: the implicit rewards beta * log pi/pi_ref) and, for DPO, log pi_ref - log pi on the
+    pairs' responses (an estimate of KL(pi_ref || pi) when the reference sampled them).
+    Returns False (and writes nothing) when the log has no such rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    rows = [r for r in rows if r["kind"] == "train" and "chosen_reward" in r]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    kl = "ref_logratio" in rows[0]
+    fig, axes = plt.subplots(1, 2 if kl else 1, figsize=(10 if kl else 5.5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for key, colour in (("chosen_reward", "tab:green"), ("rejected_reward", "tab:red"), ("margin", "tab:blue")):
+        ax.plot(steps, [r[key] for r in rows], lw=1, color=colour, label=key.replace("_", " "))
+    ax.set_title("rewards per step (DPO: beta log pi/pi_ref)")
+    ax.legend(fontsize=8)
+    if kl:
+        axes[0][1].plot(steps, [r["ref_logratio"] for r in rows], lw=1, color="tab:red")
+        axes[0][1].set_title("log pi_ref - log pi on the pairs (KL if sampled from ref)", fontsize=10)
+    for a in axes[0]:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True

@@ -56,9 +56,13 @@ def dpo_objective(model, batch, pref) -> LossOut:
     n_c, n_r = n.chunk(2)
     ref_c, ref_r = batch["ref"].chunk(2)
     losses, rew_c, rew_r = dpo_loss(p_c, p_r, ref_c, ref_r, pref.beta, pref.loss_type, pref.label_smoothing, n_c, n_r)
+    # log pi_ref - log pi averaged over the pair's two responses. When the responses were sampled
+    # from the reference (tunesmith make-pairs) this estimates KL(pi_ref || pi): DPO's per-step
+    # drift, without generating.
+    ref_logratio = -(rew_c + rew_r) / (2 * pref.beta)
     return LossOut(_weighted(losses, batch), len(p_c), int((rew_c > rew_r).sum()),
                    extras={"margin": float((rew_c - rew_r).sum()), "chosen_reward": float(rew_c.sum()),
-                           "rejected_reward": float(rew_r.sum())})
+                           "rejected_reward": float(rew_r.sum()), "ref_logratio": float(ref_logratio.sum())})
 
 
 def orpo_objective(model, batch, pref) -> LossOut:

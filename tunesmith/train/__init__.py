@@ -21,7 +21,7 @@ from tunesmith.config import ONLINE_TASKS, RunConfig, dump_config, load_config
 from tunesmith.data import PreparedData, prepare_data
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model
-from tunesmith.evaluate.report import comparison_markdown, plot_curves, write_report
+from tunesmith.evaluate.report import comparison_markdown, plot_curves, plot_pref_curves, write_report
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
@@ -142,6 +142,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
     write_report(run_dir, before, after, summary)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
     _say("\n" + comparison_markdown(before, after) + f"\n\nrun folder: {run_dir}", on_event)
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})

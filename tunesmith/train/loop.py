@@ -92,7 +92,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
 
     # Where we are: a fresh run starts at zero, a resumed one where its checkpoint left off.
     prog = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": None, "bad_evals": 0,
-            "run_loss": 0.0, "run_count": 0}  # loss summed since the last log line (kept so resume logs match)
+            "run_loss": 0.0, "run_count": 0, "run_extras": {}}  # sums since the last log line (kept so resume logs match)
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:
         ckpt.load_weights(resume_from, acc.unwrap_model(model))
@@ -132,6 +132,9 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                         loss = out.loss_sum / (denom if denom > 0 else 1)
                     acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
+                run_extras = prog.setdefault("run_extras", {})  # e.g. DPO's implicit rewards, logged per step
+                for k, v in out.extras.items():
+                    run_extras[k] = run_extras.get(k, 0.0) + v
                 tokens_seen += int(batch["attention_mask"].sum())
             prog["run_count"] += denom
             if t.max_grad_norm is not None:
@@ -152,10 +155,11 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             if step % t.log_every == 0 or step == total_steps:
                 log({"kind": "train", "step": step, "epoch": epoch_float,
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                     **{k: v / max(prog["run_count"], 1) for k, v in prog.get("run_extras", {}).items()}})
                 bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
                                 tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", refresh=False)
-                prog.update(run_loss=0.0, run_count=0)
+                prog.update(run_loss=0.0, run_count=0, run_extras={})
             bar.update(1)
 
             # ---- evaluate, keep best, checkpoint, early stopping ----
