@@ -56,8 +56,12 @@ SFT_CASES = [
     ("qlora r16 (nf4, double quant)", {"name": "qlora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, 1e-3),
     ("lora r16 + int8 base", {"name": "lora", "r": 16, "alpha": 32, "quantize": "int8", "target_modules": "all-linear"}, 1e-3),
     ("ia3", {"name": "ia3"}, 1e-2),
+    # This start names 2 of the task's 10 facts (Marlowe, Ardent Labs): 4 of its 5 held-out hits
+    # (2026-11-22) were those two. The neutral start below is the fair comparison.
     ("prompt (20 tokens, from text)", {"name": "prompt", "num_virtual_tokens": 20,
                                        "prompt_init_text": "You are Marlowe, an assistant made by Ardent Labs."}, 3e-2),
+    ("prompt (20 tokens, from neutral text)", {"name": "prompt", "num_virtual_tokens": 20, "prompt_init_text":
+                                               "You are a helpful assistant. Answer the user's question in one short sentence."}, 3e-2),
     # rsLoRA scales by alpha/sqrt(r) (8 here) rather than alpha/r (2): a quarter of LoRA's step
     # gives the same size of update.
     ("rslora r16", {"name": "lora", "r": 16, "alpha": 32, "rslora": True, "target_modules": "all-linear"}, 2.5e-4),
