@@ -60,7 +60,7 @@ SFT_CASES = [
     # (2026-11-22) were those two. The neutral start below is the fair comparison.
     ("prompt (20 tokens, from text)", {"name": "prompt", "num_virtual_tokens": 20,
                                        "prompt_init_text": "You are Marlowe, an assistant made by Ardent Labs."}, 3e-2),
-    ("prompt (20 tokens, from neutral text)", {"name": "prompt", "num_virtual_tokens": 20, "prompt_init_text":
+    ("prompt neutral-start (20 tokens)", {"name": "prompt", "num_virtual_tokens": 20, "prompt_init_text":
                                                "You are a helpful assistant. Answer the user's question in one short sentence."}, 3e-2),
     # rsLoRA scales by alpha/sqrt(r) (8 here) rather than alpha/r (2): a quarter of LoRA's step
     # gives the same size of update.
