@@ -100,7 +100,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        prog = state["progress"]
+        prog = {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
         _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
 
@@ -132,9 +132,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                         loss = out.loss_sum / (denom if denom > 0 else 1)
                     acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
-                run_extras = prog.setdefault("run_extras", {})  # e.g. DPO's implicit rewards, logged per step
-                for k, v in out.extras.items():
-                    run_extras[k] = run_extras.get(k, 0.0) + v
+                for k, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
+                    prog["run_extras"][k] = prog["run_extras"].get(k, 0.0) + v
                 tokens_seen += int(batch["attention_mask"].sum())
             prog["run_count"] += denom
             if t.max_grad_norm is not None:
@@ -156,7 +155,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                 log({"kind": "train", "step": step, "epoch": epoch_float,
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                     **{k: v / max(prog["run_count"], 1) for k, v in prog.get("run_extras", {}).items()}})
+                     **{k: v / max(prog["run_count"], 1) for k, v in prog["run_extras"].items()}})
                 bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
                                 tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", refresh=False)
                 prog.update(run_loss=0.0, run_count=0, run_extras={})
