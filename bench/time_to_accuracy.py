@@ -122,21 +122,23 @@ def run_baseline(data: Path, epochs: int, progress: Path | None = None) -> dict:
             "kept_epoch": kept["epoch"]}
 
 
-def run_tunesmith(data: Path, epochs: int, out: Path, progress: Path | None = None) -> dict:
+def run_tunesmith(data: Path, epochs: int | None, out: Path, progress: Path | None = None,
+                  config: Path = ROOT / "configs/sentiment-lora.yaml", overrides: list[str] = ()) -> dict:
     eval_every = max(1, -(-len(_read(data / 'train.jsonl')) // 16) // 2)  # twice an epoch
     from tunesmith.train import train
 
-    res = train(ROOT / "configs/sentiment-lora.yaml", [
+    res = train(config, [*overrides, *([f"--train.epochs={epochs}"] if epochs else []),
         f"--data.train={data / 'train.jsonl'}", f"--data.validation={data / 'heldout.jsonl'}",
         f"--data.test={data / 'heldout.jsonl'}", f"--data.labels={json.dumps(LABELS)}",
-        f"--train.epochs={epochs}", f"--train.eval_every={eval_every}", "--eval.before=false", "--eval.samples=[]",
+        f"--train.eval_every={eval_every}", "--eval.before=false", "--eval.samples=[]",
         f"--output.dir={out}/{{name}}", "--output.name=tta"],
         on_event=lambda e: _progress(progress, {k: e[k] for k in ("epoch", "elapsed_s", "accuracy", "loss")})
         if e.get("kind") == "eval" and "accuracy" in e else None)
     rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [{"epoch": r["epoch"], "elapsed_s": r["elapsed_s"], "accuracy": r["accuracy"], "loss": r["loss"]}
              for r in rows if r["kind"] == "eval"]
-    return {"side": "tunesmith (configs/sentiment-lora.yaml)", "evals": evals, "kept_accuracy": res.after["metrics"]["accuracy"],
+    side = f"tunesmith ({Path(config).name}{' ' + ' '.join(overrides) if overrides else ''})"
+    return {"side": side, "evals": evals, "kept_accuracy": res.after["metrics"]["accuracy"],
             "kept_epoch": max(evals, key=lambda e: e["accuracy"])["epoch"], "precision": res.summary.get("precision")}
 
 
@@ -154,16 +156,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 / 200 reviews; baseline 2 epochs, tunesmith 1")
     ap.add_argument("--baseline-first", action="store_true",
                     help="run the baseline's side first (tunesmith's is shorter and goes first by default)")
+    ap.add_argument("--config", default=str(ROOT / "configs/sentiment-lora.yaml"),
+                    help="tunesmith's side: the config it runs (default: the shipped main job)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="--KEY=VALUE",
+                    help="an override for tunesmith's side, as on the CLI (repeatable), e.g. --set=--train.epochs=5")
+    ap.add_argument("--side", choices=["baseline", "tunesmith"],
+                    help="run one side only (for trying configs; the ratio needs both in one run)")
+    ap.add_argument("--tag", help="appended to the result files' names")
     ap.add_argument("--worker", choices=["baseline", "tunesmith"], help=argparse.SUPPRESS)
     ap.add_argument("--progress", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    n, base_epochs, ts_epochs = (200, 2, 1) if args.quick else (1000, 10, 3)
+    # tunesmith's epochs come from its config, except in the quick smoke run
+    n, base_epochs, ts_epochs = (200, 2, 1) if args.quick else (1000, 10, None)
     if args.worker:
         data, progress = Path(args.data), Path(args.progress) if args.progress else None
         result = (run_baseline(data, base_epochs, progress) if args.worker == "baseline"
-                  else run_tunesmith(data, ts_epochs, Path(args.out).parent, progress))
+                  else run_tunesmith(data, ts_epochs, Path(args.out).parent, progress, Path(args.config), args.overrides))
         Path(args.out).write_text(json.dumps(result))
         return
 
@@ -171,18 +181,22 @@ def main() -> None:
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     tag = "time_to_accuracy-quick" if args.quick else "time_to_accuracy"
+    tag += f"-{args.side}-only" if args.side else ""  # never overwrite a full comparison's files
+    tag += f"-{args.tag}" if args.tag else ""
     # tunesmith first by default: the shorter run shows problems sooner
     sides = ("baseline", "tunesmith") if args.baseline_first else ("tunesmith", "baseline")
+    sides = (args.side,) if args.side else sides
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         write_split(data, n, n)
         for side in sides:
             out = data / f"{side}.json"
-            progress = results_dir / f"{tag}-{side}.progress.jsonl"
+            progress = results_dir / (f"{tag}.progress.jsonl" if args.side else f"{tag}-{side}.progress.jsonl")
             progress.unlink(missing_ok=True)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--worker", side, "--data", str(data), "--out", str(out),
-                            "--progress", str(progress)] + (["--quick"] if args.quick else []), cwd=ROOT, check=True)
+                            "--progress", str(progress), "--config", args.config]
+                           + [f"--set={o}" for o in args.overrides] + (["--quick"] if args.quick else []), cwd=ROOT, check=True)
             results[side] = json.loads(out.read_text()) | {"process_s": time.perf_counter() - t0}
     from stepbench import machine  # bench/ is on sys.path: this script lives there
 
@@ -191,6 +205,12 @@ def main() -> None:
     for side, r in results.items():
         print(f"{r['side']}: held-out accuracy by time")
         print("  " + ", ".join(f"ep {e['epoch']:.2f}: {e['accuracy']:.3f} at {e['elapsed_s']:.0f} s" for e in r["evals"]))
+    if args.side:  # one side: its evaluations above are the result; no ratio without the other side
+        r = results[args.side]
+        print(f"best {first_best(r['evals'])['accuracy']:.3f}, kept {r['kept_accuracy']:.3f}, whole process {r['process_s']:.0f} s")
+        (results_dir / f"{tag}.json").write_text(json.dumps(
+            {"device": device, "date": time.strftime("%Y-%m-%d"), "n": n, "results": results}, indent=2))
+        return
     base, ours = results["baseline"], results["tunesmith"]
     bb, ob = first_best(base["evals"]), first_best(ours["evals"])
     reach = first_reaching(ours["evals"], bb["accuracy"])
