@@ -22,7 +22,10 @@ Each side runs in its own process, so its peak RSS is its own. The table reports
   included on both sides; tunesmith's final evaluation, which trl does not run, excluded and
   reported apart in the JSON), and peak GPU memory where there is a GPU;
 - the mean training loss of the last 8 steps. The two batch orders differ (trl shuffles
-  uniformly; tunesmith groups similar lengths), so the losses should agree only roughly.
+  uniformly; tunesmith groups similar lengths), so these agree only roughly;
+- the held-out loss after training: each side's saved adapter is loaded with
+  `peft.PeftModel.from_pretrained` and scored by one function here, on the 30 held-out identity
+  questions (completion tokens only). That is the like-for-like "equal loss" check.
 
 The ratios come last.
 """
@@ -50,6 +53,42 @@ def _peaks() -> dict:
 
     return {"peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
+
+
+def heldout_loss(model_name: str, adapter_dir: str) -> float:
+    """Mean completion-token loss of base + saved adapter on the identity test set (30 held-out
+    questions), computed here by one function for both sides.
+
+    The two sides see their training batches in different orders, so their training losses agree
+    only roughly; this is the like-for-like check that they learned the same thing. Both adapters
+    go through `peft.PeftModel.from_pretrained`, the format a user would load.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.models.load import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter_dir).to(device).eval()
+    total, count = 0.0, 0
+    for line in (ROOT / "examples/data/identity/test.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": r["completion"]}], tokenize=True,
+                                       return_dict=True)["input_ids"]
+        assert full[:len(prompt)] == prompt, "chat template: the prompt is not a prefix of the full conversation"
+        ids = torch.tensor([full], device=device)
+        labels = ids.clone()
+        labels[:, :len(prompt)] = -100
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+        total, count = total + nll.item(), count + int((labels[0, 1:] != -100).sum())
+    return total / count
 
 
 def run_trl(steps: int, model_name: str, gc: bool) -> dict:
@@ -81,11 +120,14 @@ def run_trl(steps: int, model_name: str, gc: bool) -> dict:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         result = trainer.train()
+        peaks = _peaks()  # before the held-out evaluation below, like tunesmith's training peak
+        trainer.model.save_pretrained(f"{out}/adapter")
+        heldout = heldout_loss(model_name, f"{out}/adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     secs = result.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen)
     return {"side": "trl SFTTrainer", "gc": gc, "steps": steps, "train_s": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
-            "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]), "losses": losses, **_peaks()}
+            "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]), "heldout_loss": heldout, "losses": losses, **peaks}
 
 
 def run_tunesmith(steps: int, model_name: str, gc: bool) -> dict:
@@ -99,14 +141,15 @@ def run_tunesmith(steps: int, model_name: str, gc: bool) -> dict:
             "--eval.generate_metrics=false", "--eval.samples=[]", "--eval.num_samples=0",
             f"--train.gradient_checkpointing={str(gc).lower()}",
             f"--output.dir={out}/{{name}}", "--output.name=bench"])
+        peaks = _peaks()
+        heldout = heldout_loss(model_name, str(res.run_dir / "adapter"))
         rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     losses = [r["loss"] for r in train_rows]
     secs = res.summary["train_seconds"]
-    peaks = _peaks()
     return {"side": "tunesmith", "gc": gc, "steps": steps, "train_s": secs, "tokens": round(train_rows[-1]["tokens_per_s"] * secs),
             "tokens_per_s": train_rows[-1]["tokens_per_s"], "loss_last": sum(losses[-LAST:]) / len(losses[-LAST:]),
-            "losses": losses, **peaks, "peak_gpu_with_eval_mb": peaks["peak_gpu_mb"],
+            "heldout_loss": heldout, "losses": losses, **peaks, "peak_gpu_with_eval_mb": peaks["peak_gpu_mb"],
             "peak_gpu_mb": res.summary.get("train_peak_gpu_mb"),  # reset before the first step, like trl's
             # like trl's figure, the peak up to the end of training (the run's final evaluation comes after)
             "peak_rss_mb": res.summary["train_peak_rss_mb"], "peak_rss_with_eval_mb": peak_rss_mb()}
@@ -150,11 +193,11 @@ def main() -> None:
     for r in results:
         r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
     print(f"\nSFT, SmolLM2-135M + LoRA r16, batch {BATCH}, {args.steps} steps, {device}\n")
-    print("| side | gradient checkpointing | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps | MFU |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| side | gradient checkpointing | train s | tokens | tokens/s | peak RSS MB | peak GPU MB | mean loss, last 8 steps "
+          "| held-out loss | MFU |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['side']} | {'on' if r['gc'] else 'off'} | {r['train_s']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} | {r['mfu']:.1%} |")
+              f"{r['peak_gpu_mb'] or '-'} | {r['loss_last']:.3f} | {r['heldout_loss']:.3f} | {r['mfu']:.1%} |")
     print(f"\n(MFU: {flops_per_token / 1e6:.0f} MFLOP per token x tokens/s over a {peak / 1e9:.0f} GFLOP/s matmul peak)")
     for trl, ours in zip(results[::2], results[1::2]):
         print(f"\ngradient checkpointing {'on' if trl['gc'] else 'off'} on both sides:")
@@ -163,6 +206,8 @@ def main() -> None:
         if trl["peak_gpu_mb"]:
             print(f"  peak GPU memory ratio (tunesmith / trl): {ours['peak_gpu_mb'] / trl['peak_gpu_mb']:.2f}")
         print(f"  loss, last {LAST} steps: tunesmith {ours['loss_last']:.3f} vs trl {trl['loss_last']:.3f}")
+        print(f"  held-out loss after {args.steps} steps (same function, both adapters): "
+              f"tunesmith {ours['heldout_loss']:.3f} vs trl {trl['heldout_loss']:.3f}")
     (results_dir / f"sft_vs_trl{'-gpu' if trl['peak_gpu_mb'] else ''}.json").write_text(
         json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "peak_flops": peak,
                     "flops_per_token": flops_per_token, "results": results}, indent=2))
