@@ -202,3 +202,32 @@ def test_prefix_from_text_config_errors():
                      "method": {"name": "prefix", "prompt_init_text": "hi"}})
     with pytest.raises(ConfigError, match="not an option of method 'ptuning'"):
         load_config({"data": {"train": "x.jsonl"}, "method": {"name": "ptuning", "prompt_init_text": "hi"}})
+
+
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_llama):
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.loop import make_optimizer
+
+    cfg = load_config({"data": {"train": "x.jsonl"}, "train": {"lr": 1e-3},
+                       "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "lr_ratio": 16}})
+    m = apply_method(load_model(str(tiny_llama), "sft"), cfg.method, "sft")
+    opt = make_optimizer(m, cfg)
+    by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in opt.param_groups}
+    b = {id(p) for n, p in m.named_parameters() if p.requires_grad and ".lora_B." in n}
+    a = {id(p) for n, p in m.named_parameters() if p.requires_grad and ".lora_A." in n}
+    assert b and a and by_lr[0.016] == b and a <= by_lr[0.001]
+    # one step moves B by 16x what it would at the base lr (Adam's first step is lr * sign(grad))
+    x = torch.randint(3, 50, (2, 8))
+    m(input_ids=x, labels=x).loss.backward()
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if ".lora_B." in n}
+    opt.step()
+    steps = [(p.detach() - before[n]).abs().max().item() for n, p in m.named_parameters() if n in before]
+    assert max(steps) == pytest.approx(16e-3, rel=1e-3)
+    # by default every tensor learns at train.lr; a method without B matrices rejects the option
+    plain = load_config({"data": {"train": "x.jsonl"}, "method": {"name": "lora"}})
+    assert {g["lr"] for g in make_optimizer(m, plain).param_groups} == {plain.train.lr}
+    with pytest.raises(ConfigError, match="method.lr_ratio: not an option of method 'ia3'"):
+        load_config({"data": {"train": "x.jsonl"}, "method": {"name": "ia3", "lr_ratio": 16}})

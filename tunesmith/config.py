@@ -126,6 +126,7 @@ _METHOD_OPTIONS: dict[str, tuple[frozenset[str], Any]] = {
     "init": (frozenset({"lora", "dora", "qlora"}), "default"),
     "quantize": (frozenset({"lora", "dora", "qlora"}), None),
     "double_quant": (frozenset({"lora", "dora", "qlora"}), True),
+    "lr_ratio": (frozenset({"lora", "dora", "qlora"}), 1.0),
     "feedforward_modules": (frozenset({"ia3"}), None),
     "num_virtual_tokens": (PROMPT_METHODS, 20),
     "prompt_init_text": (frozenset({"prompt", "prefix"}), None),
@@ -164,6 +165,10 @@ class MethodConfig(_Section):
         None, description="[lora, dora, qlora] Load the frozen base quantised with bitsandbytes: nf4/fp4 (4-bit) or "
         "int8. Default: nf4 for qlora, none otherwise.")
     double_quant: bool | None = Field(None, description="[4-bit] Also quantise the quantisation constants (default true).")
+    lr_ratio: float | None = Field(
+        None, gt=0, description="[lora, dora, qlora] LoRA+ (Hayou et al. 2024): the B matrices learn at train.lr times "
+        "this (default 1, plain LoRA; the paper suggests 16). A is a random projection; B starts at zero and carries "
+        "most of the update, so a larger step there speeds up learning.")
     feedforward_modules: list[str] | None = Field(
         None, description="[ia3] Which target modules are feed-forward (scaled on their input, not output).")
     num_virtual_tokens: int | None = Field(None, ge=1, description="[prefix, prompt, ptuning] Virtual tokens (default 20).")

@@ -47,11 +47,14 @@ def make_optimizer(model, cfg: RunConfig, device: str = "cpu") -> torch.optim.Op
     """AdamW (torch, or bitsandbytes 8-bit/paged); no weight decay on biases and norms (1-D tensors)."""
     from tunesmith.models.quant import make_optimizer_class
 
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    decay, no_decay, lora_b = [], [], []
+    ratio = cfg.method.opt("lr_ratio") if cfg.method.name in ("lora", "dora", "qlora") else 1.0
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            # LoRA+: peft names the up-projections lora_B.<adapter>.weight
+            (lora_b if ratio != 1.0 and ".lora_B." in name else no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": lora_b, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr * ratio}]
     cls, note = make_optimizer_class(cfg.train.optimizer, device)
     if note:
         print(note, flush=True)
