@@ -124,10 +124,14 @@ def run_baseline(data: Path, epochs: int, progress: Path | None = None) -> dict:
 
 def run_tunesmith(data: Path, epochs: int | None, out: Path, progress: Path | None = None,
                   config: Path = ROOT / "configs/sentiment-lora.yaml", overrides: list[str] = ()) -> dict:
-    eval_every = max(1, -(-len(_read(data / 'train.jsonl')) // 16) // 2)  # twice an epoch
+    from tunesmith.config import load_config
     from tunesmith.train import train
 
-    res = train(config, [*overrides, *([f"--train.epochs={epochs}"] if epochs else []),
+    overrides = [*overrides, *([f"--train.epochs={epochs}"] if epochs else [])]
+    t = load_config(config, overrides).train
+    steps_per_epoch = -(-len(_read(data / 'train.jsonl')) // t.batch_size) // t.grad_accum
+    eval_every = max(1, steps_per_epoch // 2)  # twice an epoch
+    res = train(config, [*overrides,
         f"--data.train={data / 'train.jsonl'}", f"--data.validation={data / 'heldout.jsonl'}",
         f"--data.test={data / 'heldout.jsonl'}", f"--data.labels={json.dumps(LABELS)}",
         f"--train.eval_every={eval_every}", "--eval.before=false", "--eval.samples=[]",

@@ -26,19 +26,33 @@ def test_causal_lm_matches_transformers_loss(tiny_llama):
     torch.testing.assert_close(out.loss_sum / out.count, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_causal_lm_skips_prompt_logits_with_same_loss_and_grads(tiny_llama):
-    """Only positions from the batch's first target on get logits; loss and gradients are unchanged."""
+@pytest.mark.parametrize("kind", ["mask", "positions", "none"])
+def test_causal_lm_skips_prompt_logits_with_same_loss_and_grads(tiny_llama, kind, monkeypatch):
+    """Logits only where a loss is taken (a mask), or from the batch's first target on (positions):
+    loss and gradients equal the full-logits computation."""
+    from tunesmith import objectives
+
     tok = load_tokenizer(str(tiny_llama))
     model = load_model(str(tiny_llama), "sft", pad_token_id=tok.pad_token_id)
+    assert objectives._logits_to_keep_kind(model) == "mask"  # transformers 5's shared helper takes masks
+    monkeypatch.setitem(objectives._KEEP_KIND, type(model), kind)
     feats = [{"input_ids": list(range(5, 17)), "labels": [IGNORE] * 9 + [14, 15, 16]},
              {"input_ids": list(range(20, 28)), "labels": [IGNORE] * 6 + [26, 27]}]
     batch = collate(feats, tok.pad_token_id)
     seen = []
-    hook = model.register_forward_hook(lambda m, a, kw, out: seen.append((kw.get("logits_to_keep"), out.logits.shape[1])),
+    hook = model.register_forward_hook(lambda m, a, kw, out: seen.append((kw.get("logits_to_keep"), out.logits.shape)),
                                        with_kwargs=True)
     out = causal_lm(model, batch)
     hook.remove()
-    assert seen == [(12 - 5, 7)]  # the first target (token 6 of row 2) is predicted from position 5 of 12
+    (keep_arg, shape), = seen
+    V = shape[-1]
+    if kind == "mask":  # exactly the 5 positions that predict a target, as one (N, V) matrix
+        assert keep_arg.dtype == torch.bool and keep_arg.nonzero().tolist() == [[0, 8], [0, 9], [0, 10], [1, 5], [1, 6]]
+        assert tuple(shape) == (5, V)
+    elif kind == "positions":  # the first target (token 6 of row 2) is predicted from position 5 of 12
+        assert keep_arg.tolist() == list(range(-7, 0)) and tuple(shape) == (2, 7, V)
+    else:
+        assert keep_arg is None and tuple(shape) == (2, 12, V)
     out.loss_sum.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
