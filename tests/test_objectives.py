@@ -34,7 +34,7 @@ def test_causal_lm_skips_prompt_logits_with_same_loss_and_grads(tiny_llama, kind
 
     tok = load_tokenizer(str(tiny_llama))
     model = load_model(str(tiny_llama), "sft", pad_token_id=tok.pad_token_id)
-    assert objectives._logits_to_keep_kind(model) == "mask"  # transformers 5's shared helper takes masks
+    assert objectives.logits_to_keep_kind(model) == "mask"  # transformers 5's shared helper takes masks
     monkeypatch.setitem(objectives._KEEP_KIND, type(model), kind)
     feats = [{"input_ids": list(range(5, 17)), "labels": [IGNORE] * 9 + [14, 15, 16]},
              {"input_ids": list(range(20, 28)), "labels": [IGNORE] * 6 + [26, 27]}]
@@ -198,3 +198,28 @@ def test_binary_roc_auc_is_the_pairwise_accuracy_of_the_score():
     m = classification_metrics(y, [int(s > 0) for s in score], ["negative", "positive"], score)
     assert m["roc_auc"] == pytest.approx(by_hand)
     assert "roc_auc" not in classification_metrics(y, y, ["negative", "positive"])
+
+
+def test_preference_logps_from_target_logits_only_equal_the_full_computation(tiny_llama, monkeypatch):
+    """DPO/KTO/ORPO's summed response log-probs: logits only at response positions give the same
+    values and gradients as full logits."""
+    from tunesmith import objectives
+    from tunesmith.pref.objectives import lm_logps
+
+    tok = load_tokenizer(str(tiny_llama))
+    model = load_model(str(tiny_llama), "sft", pad_token_id=tok.pad_token_id)
+    batch = collate([{"input_ids": list(range(5, 15)), "labels": [IGNORE] * 6 + [11, 12, 13, 14]},
+                     {"input_ids": list(range(20, 26)), "labels": [IGNORE] * 3 + [23, 24, 25]},
+                     {"input_ids": list(range(30, 34)), "labels": [IGNORE] * 4}], tok.pad_token_id)
+    results = {}
+    for kind in ("mask", "none"):
+        monkeypatch.setitem(objectives._KEEP_KIND, type(model), kind)
+        model.zero_grad()
+        lp, n = lm_logps(model, batch)
+        lp.sum().backward()
+        results[kind] = lp.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    (lp_m, n_m, g_m), (lp_f, n_f, g_f) = results["mask"], results["none"]
+    assert n_m.tolist() == n_f.tolist() == [4, 3, 0] and lp_m[2] == 0
+    torch.testing.assert_close(lp_m, lp_f, rtol=1e-5, atol=1e-5)
+    for k in g_f:
+        torch.testing.assert_close(g_m[k], g_f[k], rtol=1e-4, atol=1e-6, msg=k)

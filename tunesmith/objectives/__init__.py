@@ -51,7 +51,7 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
     keep = labels != IGNORE  # (B, T-1)
     target = labels[keep]  # (N,), row-major like the gathered logits below
-    how = _logits_to_keep_kind(model)
+    how = logits_to_keep_kind(model)
     if how == "mask":
         mask = F.pad(keep, (0, 1))  # (B, T): the last position predicts nothing
         picked = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=mask).logits  # (N, V)
@@ -72,7 +72,7 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
 _KEEP_KIND: dict[type, str] = {}
 
 
-def _logits_to_keep_kind(model) -> str:
+def logits_to_keep_kind(model) -> str:
     """How the model's forward can limit its logits: "mask" (a (B, T) boolean mask, flattened
     output), "positions" (a 1-D index tensor), or "none"."""
     peft_cfg = getattr(model, "active_peft_config", None)
