@@ -223,3 +223,51 @@ def test_preference_logps_from_target_logits_only_equal_the_full_computation(tin
     torch.testing.assert_close(lp_m, lp_f, rtol=1e-5, atol=1e-5)
     for k in g_f:
         torch.testing.assert_close(g_m[k], g_f[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_logits_to_keep_kind_sees_through_peft_and_a_ddp_style_wrapper(tiny_llama):
+    """LoRA keeps the mask path; prompt tuning (virtual tokens shift positions) falls back to
+    positions; both also when wrapped the way DDP wraps a model (`.module`)."""
+    from torch import nn
+
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods import apply_method
+    from tunesmith.objectives import logits_to_keep_kind
+
+    class Wrapped(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    lora = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name="lora", r=2), "sft")
+    prompt = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name="prompt", num_virtual_tokens=3), "sft")
+    assert logits_to_keep_kind(lora) == logits_to_keep_kind(Wrapped(lora)) == "mask"
+    assert logits_to_keep_kind(prompt) == logits_to_keep_kind(Wrapped(prompt)) == "positions"
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_online_policy_forward_with_response_logits_only_equals_full_logits(tiny_llama, method, monkeypatch):
+    """PPO/GRPO's log-probs, values and entropies of the response tokens are the same whether the
+    model computes logits everywhere or only at the response positions (also behind virtual tokens)."""
+    from torch import nn
+
+    from tunesmith import objectives
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods import apply_method
+    from tunesmith.pref.online import policy_forward
+
+    opts = {"r": 2} if method == "lora" else {"num_virtual_tokens": 3}
+    model = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name=method, **opts), "sft").eval()
+    head = nn.Linear(model.get_base_model().config.hidden_size, 1)
+    ids = torch.randint(5, 60, (2, 9))
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0  # a left-padded prompt, as sampling produces
+    outs = {}
+    for kind in ("keep", "none"):
+        if kind == "none":
+            monkeypatch.setitem(objectives._KEEP_KIND, type(model.get_base_model()), "none")
+        with torch.no_grad():
+            outs[kind] = policy_forward(model, ids, attn, 4, 0.7, method, head, with_entropy=True)
+    for a, b in zip(outs["keep"], outs["none"]):
+        assert a.shape == (2, 5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

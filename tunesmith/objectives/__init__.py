@@ -75,10 +75,10 @@ _KEEP_KIND: dict[type, str] = {}
 def logits_to_keep_kind(model) -> str:
     """How the model's forward can limit its logits: "mask" (a (B, T) boolean mask, flattened
     output), "positions" (a 1-D index tensor), or "none"."""
-    peft_cfg = getattr(model, "active_peft_config", None)
+    base = getattr(model, "module", model)  # DDP wraps the peft model, which wraps the transformers one
+    peft_cfg = getattr(base, "active_peft_config", None)
     prompt_learning = bool(getattr(peft_cfg, "is_prompt_learning", False))  # virtual tokens shift positions
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     if type(base) not in _KEEP_KIND:
         kind = "none"
         if "logits_to_keep" in inspect.signature(base.forward).parameters:

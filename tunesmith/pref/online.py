@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import PROMPT_METHODS, RunConfig
 from tunesmith.errors import TrainingCancelled, TunesmithError
+from tunesmith.objectives import logits_to_keep_kind
 from tunesmith.pref.data import reward_text
 from tunesmith.pref.losses import (
     adapt_kl_coef,
@@ -179,9 +180,15 @@ def policy_forward(model, ids: torch.Tensor, attn: torch.Tensor, width: int, tem
                    value_head: nn.Module | None = None, with_entropy: bool = False):
     """Log-probs of the completion tokens (N, T), and optionally their values (N, T) and entropies (N, T)."""
     kwargs = {} if method in PROMPT_METHODS else {"position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None, **kwargs)
     L = ids.shape[1]
-    logits = out.logits[:, -L:][:, width - 1:-1].float() / temperature  # (N, T, V): position t-1 predicts token t
+    # Logits only at the positions that predict a response token (width-1 .. L-2), indexed from
+    # the end so that prompt-learning's virtual tokens in front do not shift them.
+    keep = logits_to_keep_kind(model) != "none"
+    if keep:
+        kwargs["logits_to_keep"] = torch.arange(width - 1 - L, -1, device=ids.device)
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None, **kwargs)
+    logits = out.logits if keep else out.logits[:, -L:][:, width - 1:-1]
+    logits = logits.float() / temperature  # (N, T, V): position t-1 predicts token t
     target = ids[:, width:].unsqueeze(-1)
     logps = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     values = value_head(out.hidden_states[-1][:, -L:][:, width - 1:-1].float()).squeeze(-1) if value_head is not None else None
