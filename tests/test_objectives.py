@@ -212,17 +212,19 @@ def test_preference_logps_from_target_logits_only_equal_the_full_computation(tin
                      {"input_ids": list(range(20, 26)), "labels": [IGNORE] * 3 + [23, 24, 25]},
                      {"input_ids": list(range(30, 34)), "labels": [IGNORE] * 4}], tok.pad_token_id)
     results = {}
-    for kind in ("mask", "none"):
+    for kind in ("mask", "positions", "none"):
         monkeypatch.setitem(objectives._KEEP_KIND, type(model), kind)
         model.zero_grad()
         lp, n = lm_logps(model, batch)
         lp.sum().backward()
         results[kind] = lp.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    (lp_m, n_m, g_m), (lp_f, n_f, g_f) = results["mask"], results["none"]
-    assert n_m.tolist() == n_f.tolist() == [4, 3, 0] and lp_m[2] == 0
-    torch.testing.assert_close(lp_m, lp_f, rtol=1e-5, atol=1e-5)
-    for k in g_f:
-        torch.testing.assert_close(g_m[k], g_f[k], rtol=1e-4, atol=1e-6, msg=k)
+    (lp_f, n_f, g_f) = results["none"]
+    for kind in ("mask", "positions"):
+        lp_m, n_m, g_m = results[kind]
+        assert n_m.tolist() == n_f.tolist() == [4, 3, 0] and lp_m[2] == 0
+        torch.testing.assert_close(lp_m, lp_f, rtol=1e-5, atol=1e-5)
+        for k in g_f:
+            torch.testing.assert_close(g_m[k], g_f[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_logits_to_keep_kind_sees_through_peft_and_a_ddp_style_wrapper(tiny_llama):

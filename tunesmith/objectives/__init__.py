@@ -46,6 +46,16 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     view, which torch multiplies as a batched matmul against an expanded weight, about 2x slower
     on CPU (measured on SmolLM2's 576 x 49k head).
     """
+    picked, target, _ = target_logits(model, batch)
+    picked = picked.float()
+    loss = F.cross_entropy(picked, target, reduction="sum")
+    correct = int((picked.argmax(-1) == target).sum())
+    return LossOut(loss, int(target.numel()), correct)
+
+
+def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the positions that predict a labelled token, (N, V) in row-major order, their
+    target ids (N,), and the (B, T-1) mask of which positions those are (see causal_lm)."""
     ids = batch["input_ids"]
     T = ids.shape[1]
     labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
@@ -63,10 +73,7 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
         # Prompt / P-tuning prepend P virtual tokens and return their logits too: keep the last k.
         logits = logits[:, -k:]  # (B, k, V): positions T-k .. T-1
         picked = logits[:, :-1][keep[:, T - k:]]  # (N, V): only positions that carry a loss
-    picked = picked.float()
-    loss = F.cross_entropy(picked, target, reduction="sum")
-    correct = int((picked.argmax(-1) == target).sum())
-    return LossOut(loss, int(target.numel()), correct)
+    return picked, target, keep
 
 
 _KEEP_KIND: dict[type, str] = {}

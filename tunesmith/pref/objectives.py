@@ -14,17 +14,14 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.collate import batch_order, collate_rows, feature_length
-from tunesmith.data.tokenize import IGNORE
-from tunesmith.objectives import LossOut, logits_to_keep_kind
+from tunesmith.objectives import LossOut, target_logits
 from tunesmith.pref.losses import (
     dpo_loss,
     kto_loss,
     orpo_odds_ratio,
     reward_pair_loss,
-    sequence_logps,
 )
 
 NEEDS_REFERENCE = frozenset({"dpo", "kto"})
@@ -36,17 +33,11 @@ def lm_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     Like the SFT loss, asks for logits only at the positions that predict a response token
     (see objectives.causal_lm): prompts carry no log-probability here.
     """
-    if logits_to_keep_kind(model) == "mask":
-        keep = batch["labels"][:, 1:] != IGNORE  # (N, T-1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=F.pad(keep, (0, 1))).logits.float()  # (K, V), row-major
-        target = batch["labels"][:, 1:][keep]
-        tok = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (K,)
-        rows = keep.nonzero()[:, 0]
-        return torch.zeros(len(keep), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok), keep.sum(-1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual tokens
-    return sequence_logps(logits, batch["labels"])
+    logits, target, keep = target_logits(model, batch)  # (K, V), (K,), (N, T-1)
+    logits = logits.float()
+    tok = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (K,)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(keep), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok), keep.sum(-1)
 
 
 def _weighted(losses: torch.Tensor, batch) -> torch.Tensor:
