@@ -5,6 +5,7 @@ held-out features and the same sample inputs, so the two columns of the report c
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import render_prompt
 from tunesmith.evaluate.metrics import classification_metrics, lm_metrics, match_metrics
+from tunesmith.methods.folded import lora_folded
 from tunesmith.objectives import count_items, for_task
 
 
@@ -25,9 +27,10 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: list[str] | None, pad_id: int,
-                   acc: Accelerator) -> dict:
+                   acc: Accelerator, frozen=None) -> dict:
     """Loss-based metrics over features: accuracy/F1/... for classification; loss/perplexity for
-    LMs; loss, pairwise accuracy and mean margin for preference pairs."""
+    LMs; loss, pairwise accuracy and mean margin for preference pairs. `frozen`: the training
+    loop's FrozenBottom (train/frozen_cache.py), whose kept outputs the evaluation reuses."""
     task = cfg.task
     was_training = model.training
     model.eval()
@@ -37,21 +40,23 @@ def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: l
     y_true: list[int] = []
     y_pred: list[int] = []
     y_score: list[float] = []
-    for idxs in batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False):
-        batch = _to(collate_any([feats[i] for i in idxs], pad_id), acc.device)
-        with acc.autocast():
-            out = objective(model, batch)
-        loss_sum += float(out.loss_sum)
-        count += out.count
-        items += count_items(task, batch)
-        correct += out.correct
-        for k, v in out.extras.items():
-            extras[k] = extras.get(k, 0.0) + v
-        if out.logits is not None:
-            y_true += batch["label"].tolist()
-            y_pred += out.logits.argmax(-1).tolist()
-            if out.logits.shape[-1] == 2:
-                y_score += (out.logits[:, 1] - out.logits[:, 0]).tolist()
+    with lora_folded(model):  # one matmul per adapted layer, folded once (methods/folded.py)
+        for idxs in batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False):
+            batch_feats = [feats[i] for i in idxs]
+            batch = _to(collate_any(batch_feats, pad_id), acc.device)
+            with acc.autocast(), frozen.use(batch_feats, batch) if frozen is not None else nullcontext():
+                out = objective(model, batch)
+            loss_sum += float(out.loss_sum)
+            count += out.count
+            items += count_items(task, batch)
+            correct += out.correct
+            for k, v in out.extras.items():
+                extras[k] = extras.get(k, 0.0) + v
+            if out.logits is not None:
+                y_true += batch["label"].tolist()
+                y_pred += out.logits.argmax(-1).tolist()
+                if out.logits.shape[-1] == 2:
+                    y_score += (out.logits[:, 1] - out.logits[:, 0]).tolist()
     model.train(was_training)
     if task == "classification":
         return {"loss": loss_sum / max(count, 1), **classification_metrics(y_true, y_pred, labels or [], y_score or None)}
@@ -69,19 +74,20 @@ def generate(model, tokenizer, prompts: list[list[int]], acc: Accelerator, max_n
     model.eval()
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
-    for idxs in batch_order([len(p) for p in prompts], batch_size, shuffle=False):
-        width = max(len(prompts[i]) for i in idxs)
-        ids = torch.full((len(idxs), width), pad, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idxs):
-            n = len(prompts[i])
-            ids[row, width - n:] = torch.tensor(prompts[i])
-            mask[row, width - n:] = 1
-        with acc.autocast():
-            gen = model.generate(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        for row, i in enumerate(idxs):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    with lora_folded(model):
+        for idxs in batch_order([len(p) for p in prompts], batch_size, shuffle=False):
+            width = max(len(prompts[i]) for i in idxs)
+            ids = torch.full((len(idxs), width), pad, dtype=torch.long)  # (B, T) left-padded
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idxs):
+                n = len(prompts[i])
+                ids[row, width - n:] = torch.tensor(prompts[i])
+                mask[row, width - n:] = 1
+            with acc.autocast():
+                gen = model.generate(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            for row, i in enumerate(idxs):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return out
 
@@ -119,7 +125,7 @@ def predict_texts(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool
         model.eval()
         tokenizer.truncation_side = cfg.data.truncation_side
         enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
-        with acc.autocast():
+        with acc.autocast(), lora_folded(model):
             logits = model(input_ids=enc["input_ids"].to(acc.device),
                            attention_mask=enc["attention_mask"].to(acc.device)).logits.float()  # (B, C)
         model.train(was_training)
