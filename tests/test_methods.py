@@ -231,3 +231,70 @@ def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_llama):
     assert {g["lr"] for g in make_optimizer(m, plain).param_groups} == {plain.train.lr}
     with pytest.raises(ConfigError, match="method.lr_ratio: not an option of method 'ia3'"):
         load_config({"data": {"train": "x.jsonl"}, "method": {"name": "ia3", "lr_ratio": 16}})
+
+
+def _lora_with_updates(model_dir, task, labels=None, **method):
+    """A LoRA model whose B matrices are non-zero, so the adapters change the output."""
+    import torch
+
+    m = apply_method(load_model(str(model_dir), task, labels), MethodConfig(r=4, **method), task)
+    torch.manual_seed(0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)
+    return m.eval()
+
+
+def test_lora_folded_gives_the_same_outputs_without_the_adapter_matmuls_and_restores_the_base(tiny_bert):
+    import torch
+
+    from tunesmith.methods.folded import lora_folded
+
+    m = _lora_with_updates(tiny_bert, "classification", ["a", "b"])
+    ids = torch.tensor([[2, 7, 9, 4, 3], [2, 5, 6, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).logits
+        with m.disable_adapter():  # the adapters must matter, or equality below proves nothing
+            base_off = m(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(ref, base_off, atol=1e-3)
+    weights = {n: p for n, p in m.named_parameters() if "base_layer.weight" in n}
+    saved = {n: p.detach().clone() for n, p in weights.items()}
+    calls = []
+    hooks = [mod.register_forward_hook(lambda *a: calls.append(1)) for n, mod in m.named_modules() if n.endswith("lora_A.default")]
+    with torch.no_grad(), lora_folded(m) as n:
+        folded = m(input_ids=ids, attention_mask=mask).logits
+    assert n == len(hooks) > 0 and calls == []  # every adapted layer folded: no LoRA matmul ran
+    torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
+    after = dict(m.named_parameters())
+    for name, p in weights.items():  # the same tensors are back, bit for bit, and train on
+        assert after[name] is p and torch.equal(p, saved[name]), name
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids, attention_mask=mask).logits, ref) and len(calls) == len(hooks)
+    with torch.no_grad(), lora_folded(m, max_bytes=1) as n:  # over the memory cap: runs unfolded
+        assert n == 0 and torch.equal(m(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_lora_folded_leaves_dora_layers_as_they_are(tiny_llama):
+    import torch
+
+    from tunesmith.methods.folded import lora_folded
+
+    m = _lora_with_updates(tiny_llama, "sft", name="dora", target_modules=["q_proj", "v_proj"])
+    ids = torch.tensor([[5, 9, 12, 7]])
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        with lora_folded(m) as n:
+            assert n == 0
+            torch.testing.assert_close(m(input_ids=ids).logits, ref)
+
+
+def test_lora_layers_with_all_linear_targets_every_linear_layer_of_those_blocks(tiny_llama):
+    """peft refuses layers_to_transform with a str target; tunesmith spells 'all-linear' out."""
+    m = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(r=4, layers=[1]), "sft")
+    adapted = {n.split(".layers.1.")[1].split(".lora_A")[0] for n in _trainable(m) if "lora_A" in n}
+    assert all(".layers.1." in n for n in _trainable(m))
+    assert adapted == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    with pytest.raises(TunesmithError, match="not the pattern"):
+        apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(r=4, layers=[1], target_modules=".*proj"), "sft")

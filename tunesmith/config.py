@@ -235,6 +235,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute each block's activations in the backward pass instead of storing them: "
         "less memory (activations grow with batch x length) for about a third more compute.")
+    frozen_cache_gb: float = Field(
+        4.0, ge=0, description="When only the top of the model trains (head; selective; LoRA/IA3/adapter with "
+        "method.layers above block 0) and the model's dropout is 0, keep the frozen bottom's output for each example "
+        "(up to this many GB) instead of recomputing it every epoch and evaluation. Exact. 0: off.")
     eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N steps, or each epoch.")
     metric: str | None = Field(
         None, description="Validation metric for keep-best / early stopping (default: accuracy or loss)."

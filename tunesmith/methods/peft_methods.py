@@ -26,7 +26,7 @@ def peft_config(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path:
     to_save = head_module_names(model) if (task in HEAD_TASKS and cfg.train_head) else None
     name = cfg.name
     if name in LORA_FAMILY:
-        common = dict(r=cfg.opt("r"), target_modules=cfg.opt("target_modules"), layers_to_transform=cfg.layers,
+        common = dict(r=cfg.opt("r"), target_modules=_targets(model, cfg), layers_to_transform=cfg.layers,
                       modules_to_save=to_save, task_type=task_type)
         if name == "loha":
             return peft.LoHaConfig(alpha=cfg.opt("alpha"), rank_dropout=cfg.opt("dropout"), **common)
@@ -99,6 +99,20 @@ def _prefix_from_text(pm: nn.Module, cfg: MethodConfig, tokenizer_path: str | No
     with torch.no_grad():
         initialize_kv_prefix_from_text(pm, tok, text=text, use_chat_template=False)
     pm.train(was_training)
+
+
+def _targets(model: nn.Module, cfg: MethodConfig) -> list[str] | str:
+    """target_modules for peft. peft takes `layers_to_transform` only with a list of names, so
+    with method.layers, 'all-linear' is spelled out as the linear layers inside the blocks."""
+    targets = cfg.opt("target_modules")
+    if not cfg.layers or not isinstance(targets, str):
+        return targets
+    if targets != "all-linear":
+        raise TunesmithError(f"method.layers: give target_modules as a list of names or 'all-linear', not the "
+                             f"pattern '{targets}' (peft cannot combine a pattern with chosen layers)")
+    from tunesmith.methods import transformer_blocks
+
+    return _linear_names(transformer_blocks(model))
 
 
 def _linear_names(model: nn.Module) -> list[str]:

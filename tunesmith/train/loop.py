@@ -28,6 +28,7 @@ from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
 from tunesmith.objectives import count_items, for_task
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import frozen_cache
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -92,6 +93,11 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    frozen, why = frozen_cache.plan(acc.unwrap_model(model), cfg, [feats, val.features if val is not None else []])
+    if why:
+        emit({"kind": "message", "text": why})
+        print(why, flush=True)
+    from_frozen = frozen.use if frozen is not None else (lambda fs, b: nullcontext())
 
     # Where we are: a fresh run starts at zero, a resumed one where its checkpoint left off.
     prog = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": None, "bad_evals": 0,
@@ -123,14 +129,15 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                             group_by_length=t.group_by_length)
         while prog["step"] < total_steps and not stop:
             # ---- one optimizer step over grad_accum micro-batches ----
-            group = [collate_any([feats[i] for i in order[j]], pad_id)
-                     for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
+            group_feats = [[feats[i] for i in order[j]]
+                           for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
+            group = [collate_any(fs, pad_id) for fs in group_feats]
             denom = sum(count_items(cfg.task, b) for b in group)  # loss normaliser for the whole step
-            for k, batch in enumerate(group):
+            for k, (batch, batch_feats) in enumerate(zip(group, group_feats)):
                 batch = {n: v.to(acc.device) for n, v in batch.items()}
                 # DDP: gradients all-reduce once per step, on the last micro-batch's backward.
                 with nullcontext() if k == len(group) - 1 else acc.no_sync(model):
-                    with acc.autocast():
+                    with acc.autocast(), from_frozen(batch_feats, batch):
                         out = objective(model, batch)
                         loss = out.loss_sum / (denom if denom > 0 else 1)
                     acc.backward(loss)
@@ -168,7 +175,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             if step % eval_every == 0 or step == total_steps or (t.eval_every == "epoch" and epoch_done):
                 row: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch_float}
                 if val is not None:
-                    m = score_features(model, val.features, cfg, data.labels, pad_id, acc)
+                    m = score_features(model, val.features, cfg, data.labels, pad_id, acc, frozen=frozen)
                     row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
                     if _improved(row[metric], prog["best_value"], greater):
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)
