@@ -47,8 +47,8 @@ def main() -> None:
     losses: dict[str, float] = {}
     default = folded.MAX_FOLD_BYTES
     score_features(model, feats[:8], cfg, data.labels, tok.pad_token_id, acc)  # warm-up
-    for _ in range(a.repeats):
-        for name in times:
+    for r in range(a.repeats):
+        for name in (list(times) if r % 2 == 0 else list(times)[::-1]):  # alternate the order too
             folded.MAX_FOLD_BYTES = default if "folded" in name and "unfolded" not in name else 0
             start = time.perf_counter()
             losses[name] = score_features(model, feats, cfg, data.labels, tok.pad_token_id, acc)["loss"]
@@ -56,9 +56,9 @@ def main() -> None:
     folded.MAX_FOLD_BYTES = default
     print(f"MiniLM + LoRA r8 (36 layers), evaluating {len(feats)} reviews ({tokens} tokens), "
           f"batch {cfg.eval.batch_size}, {torch.get_num_threads()} threads, best of {a.repeats}")
-    print(f"{'setting':20s} {'seconds':>8s} {'reviews/s':>10s} {'loss':>9s}")
+    print(f"{'setting':20s} {'seconds':>8s} {'reviews/s':>10s} {'loss':>9s}  every repeat (s)")
     for name, ts in times.items():
-        print(f"{name:20s} {min(ts):8.2f} {len(feats) / min(ts):10.1f} {losses[name]:9.5f}")
+        print(f"{name:20s} {min(ts):8.2f} {len(feats) / min(ts):10.1f} {losses[name]:9.5f}  {' '.join(f'{t:.1f}' for t in ts)}")
     base, new = (min(ts) for ts in times.values())
     print(f"loss difference {abs(losses['peft, unfolded'] - losses['tunesmith, folded']):.2e}")
     print(f"ratio (folded over unfolded, reviews/s): {base / new:.2f}x")

@@ -298,3 +298,56 @@ def test_lora_layers_with_all_linear_targets_every_linear_layer_of_those_blocks(
                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     with pytest.raises(TunesmithError, match="not the pattern"):
         apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(r=4, layers=[1], target_modules=".*proj"), "sft")
+
+
+def test_folded_lora_function_matches_the_two_path_computation():
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.methods.folded import _FoldedLoRALinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    w, bias = torch.randn(4, 6), torch.randn(4, requires_grad=True)
+    a, b = torch.randn(3, 6, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    dy = torch.randn(2, 5, 4)
+    ref = F.linear(x, w, bias) + (x @ a.t() @ b.t()) * 0.7
+    grads_ref = torch.autograd.grad(ref, (x, bias, a, b), dy)
+    out = _FoldedLoRALinear.apply(x, w, bias, a, b, 0.7)
+    grads = torch.autograd.grad(out, (x, bias, a, b), dy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_without_dropout_trains_through_the_fold_with_peft_s_gradients(tiny_llama):
+    import torch
+
+    m = _lora_with_updates(tiny_llama, "sft", dropout=0.0).train()
+    installed = [mod for mod in m.modules() if "forward" in mod.__dict__]
+    assert len(installed) == 14  # 7 linear layers x 2 blocks
+    ids = torch.tensor([[5, 9, 12, 7, 3, 8]])
+
+    def loss_and_grads():
+        m.zero_grad()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    calls = []
+    from tunesmith.methods import folded
+    real = folded._FoldedLoRALinear.apply
+    folded._FoldedLoRALinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        loss, grads = loss_and_grads()
+    finally:
+        folded._FoldedLoRALinear.apply = real
+    assert len(calls) == 14
+    for mod in installed:  # peft's own forward
+        del mod.__dict__["forward"]
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    with_dropout = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(r=4, dropout=0.1), "sft")
+    assert not [mod for mod in with_dropout.modules() if "forward" in mod.__dict__]

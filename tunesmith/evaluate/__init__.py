@@ -125,7 +125,7 @@ def predict_texts(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool
         model.eval()
         tokenizer.truncation_side = cfg.data.truncation_side
         enc = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
-        with acc.autocast(), lora_folded(model):
+        with acc.autocast():  # one forward pass: folding would copy more weight than it saves
             logits = model(input_ids=enc["input_ids"].to(acc.device),
                            attention_mask=enc["attention_mask"].to(acc.device)).logits.float()  # (B, C)
         model.train(was_training)

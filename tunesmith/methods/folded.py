@@ -72,3 +72,78 @@ def lora_folded(model: nn.Module, max_bytes: int | None = None) -> Iterator[int]
         for module, base, original in swaps:
             base.weight = original
             module.merged_adapters = []
+
+
+# ---- training: the same fold, with LoRA's own gradients --------------------------------------
+#
+# In a training step the adapters must get gradients, so the update cannot simply be merged. But
+# without LoRA dropout both paths see the same input, and y = (W + s B A) x still holds: one
+# matmul forward instead of three plus a scale and an add. Backward needs dx = dy (W + s B A),
+# dA = s (dy B)^T x and dB = s dy^T (x A^T): four thin matmuls, as peft's own graph has, but one
+# fewer big-activation pass. A profile of a MiniLM LoRA step (16 x 300 tokens, dropout 0) put 20%
+# of the time in the 432 thin matmuls of the 36 adapted layers and 8% more in their scale and add.
+# W + s B A is recomputed in backward rather than saved: it is as large as the weight itself.
+
+class _FoldedLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        folded = torch.addmm(weight, lora_b, lora_a, alpha=scaling)  # (out, in)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return nn.functional.linear(x, folded, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        dx = d_bias = d_a = d_b = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)
+        if ctx.needs_input_grad[2]:
+            d_bias = dy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            d_a = (dy2 @ lora_b).t() @ x2 * s  # (r, in)
+        if ctx.needs_input_grad[4]:
+            d_b = dy2.t() @ (x2 @ lora_a.t()) * s  # (out, r)
+        return dx, None, d_bias, d_a, d_b, None
+
+
+def _folded_train_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Installed on eligible peft LoRA Linear layers: the fold when it is exact and gradients are
+    wanted, peft's own forward otherwise (inference, merged or disabled adapters, mixed-adapter
+    batches, several active adapters, autocast, mixed dtypes)."""
+    active = self.active_adapters
+    if (args or kwargs or not torch.is_grad_enabled() or self.merged or self.disable_adapters or len(active) != 1
+            or not _train_foldable(self, active[0]) or torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x, *args, **kwargs)
+    a = active[0]
+    base = self.get_base_layer()
+    lora_a, lora_b = self.lora_A[a].weight, self.lora_B[a].weight
+    if not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _FoldedLoRALinear.apply(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[a]))
+
+
+def _train_foldable(module: nn.Module, adapter: str) -> bool:
+    base = module.get_base_layer()
+    return (adapter in module.lora_A and isinstance(module.lora_dropout[adapter], nn.Identity)
+            and adapter not in getattr(module, "lora_variant", {}) and not module.lora_bias.get(adapter, False)
+            and type(base) is nn.Linear and not getattr(module, "fan_in_fan_out", False)
+            and not getattr(base, "weight", torch.empty(0)).requires_grad)
+
+
+def install_training_fold(model: nn.Module) -> int:
+    """Give every LoRA Linear layer without dropout the folded training forward; returns how many."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module, nn.Module) and hasattr(module, "lora_dropout") \
+                and any(_train_foldable(module, a) for a in module.active_adapters):
+            module.forward = _folded_train_forward.__get__(module)
+            n += 1
+    return n

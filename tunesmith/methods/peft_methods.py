@@ -69,6 +69,10 @@ def apply_peft(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path: 
         raise _explain(model, cfg, e) from None
     if cfg.name == "prefix" and cfg.prompt_init_text:
         _prefix_from_text(pm, cfg, tokenizer_path)
+    if cfg.name == "lora":
+        from tunesmith.methods.folded import install_training_fold
+
+        install_training_fold(pm)  # dropout-0 layers: W + sBA in one matmul (methods/folded.py)
     return pm
 
 
