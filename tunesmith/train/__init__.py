@@ -171,13 +171,17 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
     return None
 
 
+# Settings that change how fast a run goes, not what it computes: free to change on resume.
+_SPEED_ONLY = frozenset({"train.frozen_cache_gb"})
+
+
 def _config_changes(saved: dict, now: dict) -> list[str]:
     """Dotted names of settings that differ; eval and output settings may change on resume."""
     changed = []
     for section in ("task", "model", "data", "method", "train"):
         a, b = saved[section], now[section]
         if isinstance(a, dict):
-            changed += [f"{section}.{k}" for k in a if a[k] != b.get(k)]
+            changed += [f"{section}.{k}" for k in a if a[k] != b.get(k) and f"{section}.{k}" not in _SPEED_ONLY]
         elif a != b:
             changed.append(section)
     return changed
