@@ -20,22 +20,22 @@ import torch
 from torch import nn
 
 
+def _plain_lora(module: nn.Module, adapter: str) -> bool:
+    """A plain LoRA update of an unquantised float nn.Linear: (W + s B A) is exactly the layer."""
+    base = module.get_base_layer()
+    # type() not isinstance(): bitsandbytes' 8/4-bit layers subclass nn.Linear. Variants (DoRA's
+    # magnitude, ...) and LoRA biases do not fold into W alone.
+    return (adapter in module.lora_A and type(base) is nn.Linear and base.weight.dtype.is_floating_point
+            and adapter not in getattr(module, "lora_variant", {}) and not module.lora_bias.get(adapter, False))
+
+
 def _foldable(module: nn.Module) -> bool:
-    """A plain LoRA linear layer on an unquantised float weight: the update folds exactly."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is a dependency; keep the evaluator usable without it anyway
-        return False
+    from peft.tuners.lora import LoraLayer
+
     if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
         return False
-    base = module.get_base_layer()
-    # type() not isinstance(): bitsandbytes' 8/4-bit layers subclass nn.Linear
-    if type(base) is not nn.Linear or not base.weight.dtype.is_floating_point:
-        return False
     active = [a for a in module.active_adapters if a in module.lora_A]
-    # variants (DoRA's magnitude, aLoRA's ...) and LoRA biases do not fold into W alone
-    return bool(active) and not any(a in getattr(module, "lora_variant", {}) or module.lora_bias.get(a, False)
-                                    for a in active)
+    return bool(active) and all(_plain_lora(module, a) for a in active)
 
 
 # The folded copies live beside the originals while the context is open. Small models gain the
@@ -89,7 +89,7 @@ class _FoldedLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         folded = torch.addmm(weight, lora_b, lora_a, alpha=scaling)  # (out, in)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.scaling = scaling
         return nn.functional.linear(x, folded, bias)
 
     @staticmethod
@@ -127,23 +127,19 @@ def _folded_train_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
 
 
 def _train_foldable(module: nn.Module, adapter: str) -> bool:
-    base = module.get_base_layer()
-    return (adapter in module.lora_A and isinstance(module.lora_dropout[adapter], nn.Identity)
-            and adapter not in getattr(module, "lora_variant", {}) and not module.lora_bias.get(adapter, False)
-            and type(base) is nn.Linear and not getattr(module, "fan_in_fan_out", False)
-            and not getattr(base, "weight", torch.empty(0)).requires_grad)
+    """The fold is exact in training too when both paths see the same input (no LoRA dropout)
+    and the base weight is frozen (the function gives it no gradient)."""
+    return (_plain_lora(module, adapter) and isinstance(module.lora_dropout[adapter], nn.Identity)
+            and not module.get_base_layer().weight.requires_grad)
 
 
 def install_training_fold(model: nn.Module) -> int:
     """Give every LoRA Linear layer without dropout the folded training forward; returns how many."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return 0
+    from peft.tuners.lora import LoraLayer
+
     n = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(module, nn.Module) and hasattr(module, "lora_dropout") \
-                and any(_train_foldable(module, a) for a in module.active_adapters):
+        if isinstance(module, LoraLayer) and any(_train_foldable(module, a) for a in module.active_adapters):
             module.forward = _folded_train_forward.__get__(module)
             n += 1
     return n

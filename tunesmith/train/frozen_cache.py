@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import PROMPT_METHODS, RunConfig
+from tunesmith.errors import TunesmithError
 from tunesmith.models.load import ATTENTION_DROPOUT_KEYS, HIDDEN_DROPOUT_KEYS
 
 
@@ -126,7 +127,7 @@ def plan(model: nn.Module, cfg: RunConfig, feature_lists: list[list[dict]]) -> t
         return None, ""  # preference pairs: several sequences per example (not yet supported)
     try:
         blocks = transformer_blocks(model)
-    except Exception:  # noqa: BLE001 - a model without a block stack simply runs whole
+    except TunesmithError:  # a model without a block stack simply runs whole
         return None, ""
     trainable = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
     k = min(trainable) if trainable else len(blocks)
@@ -138,7 +139,8 @@ def plan(model: nn.Module, cfg: RunConfig, feature_lists: list[list[dict]]) -> t
     ids = torch.tensor([sample["input_ids"][:16]], device=next(model.parameters()).device)
     with torch.enable_grad():
         out = bottom_output(model, blocks[k - 1], ids, torch.ones_like(ids))
-    if (out[0] if isinstance(out, tuple) else out).requires_grad:
+    out = out[0] if isinstance(out, tuple) else out
+    if out.requires_grad:
         return None, ""
     config = getattr(model, "config", None)
     random_in = [key for key in (*ATTENTION_DROPOUT_KEYS, *HIDDEN_DROPOUT_KEYS)
@@ -147,7 +149,7 @@ def plan(model: nn.Module, cfg: RunConfig, feature_lists: list[list[dict]]) -> t
     if random_in:
         return None, (f"frozen-bottom cache: not used, the frozen blocks 0-{k - 1} are not deterministic "
                       f"(dropout: {', '.join(random_in)}; set model.dropout and model.attention_dropout to 0 to use it)")
-    hidden = (out[0] if isinstance(out, tuple) else out).shape[-1]
+    hidden = out.shape[-1]
     tokens = sum(len(f["input_ids"]) for feats in feature_lists for f in feats)
     need_gb = tokens * hidden * 4 / 2**30
     if need_gb > cfg.train.frozen_cache_gb:
