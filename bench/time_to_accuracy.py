@@ -18,7 +18,8 @@ epoch, `load_best_model_at_end` on the lowest eval loss (Trainer's default crite
 tunesmith: `configs/sentiment-lora.yaml` as shipped (LoRA r 8 on every attention and dense layer,
 base dropout off, length-grouped batches of 16, 3 epochs, lr 1e-3 with warmup, max length 512
 left-truncated, fp32 or bf16 as `precision: auto` picks), evaluating every half epoch and keeping
-the checkpoint with the best held-out accuracy.
+the checkpoint with the best held-out accuracy. `--first CONFIG` (with `--first-set`) makes it two
+runs: CONFIG first, then `--config` starting from the model CONFIG saved, on one clock.
 
 Both sides select their kept model on the held-out set (as the tutorial does), so "kept" accuracy
 is optimistic for both alike. The clock of each side starts with its first training step and runs
@@ -66,6 +67,47 @@ def _progress(path: Path | None, row: dict) -> None:
     if path is not None:
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def run_flops(model, tok, data: Path, epochs: float, n_evals: int) -> float:
+    """Model FLOPs of a side's training and evaluations up to its last evaluation, for its
+    utilisation figure.
+
+    Per token, the matmul FLOPs of one training step (forward + backward) and of one evaluation
+    forward are counted by FlopCounterMode on one real review with the side's own model: frozen
+    layers cost no weight gradient, LoRA's extra matmuls are counted, so the recipes differ as
+    they really do. Attention's two seq^2 matmuls are added per review by formula (the CPU
+    attention kernel is invisible to the counter; bench/stepbench.py). Real tokens only: padding
+    is work that does not count, as usual for MFU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stepbench import _fused_attention_ops, _no_flops, attention_flops
+
+    def length(text: str) -> int:
+        return len(tok(text, truncation=True, max_length=512)["input_ids"])
+
+    probe = _read(data / "heldout.jsonl")[0]["text"]
+    enc = tok(probe, truncation=True, max_length=512, return_tensors="pt")
+    n0 = enc["input_ids"].shape[1]
+    mapping = {op: _no_flops for op in _fused_attention_ops()}
+    model.train()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as c:
+        model(**enc, labels=torch.tensor([0])).loss.backward()
+    per_train = c.get_total_flops() / n0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as c:
+        model(**enc)
+    per_eval = c.get_total_flops() / n0
+    config = model.config if hasattr(model.config, "num_hidden_layers") else model.base_model.model.config
+
+    def one_pass(name: str, per_token: float, attention_share: float) -> float:
+        return sum(per_token * n + attention_share * attention_flops(config, n, 1)
+                   for n in map(length, (r["text"] for r in _read(data / f"{name}.jsonl"))))
+
+    # attention_flops is forward + backward (3x the forward's score and mix matmuls)
+    return epochs * one_pass("train", per_train, 1.0) + n_evals * one_pass("heldout", per_eval, 1 / 3)
 
 
 def run_baseline(data: Path, epochs: int, progress: Path | None = None) -> dict:
@@ -118,32 +160,74 @@ def run_baseline(data: Path, epochs: int, progress: Path | None = None) -> dict:
                           callbacks=[Clock()])
         trainer.train()
     kept = min(evals, key=lambda e: e["loss"])  # load_best_model_at_end keeps the lowest eval loss
+    flops = run_flops(trainer.model, tok, data, evals[-1]["epoch"], len(evals))
     return {"side": "transformers Trainer + peft (tutorial recipe)", "evals": evals, "kept_accuracy": kept["accuracy"],
-            "kept_epoch": kept["epoch"]}
+            "kept_epoch": kept["epoch"], "flops": flops}
 
 
-def run_tunesmith(data: Path, epochs: int | None, out: Path, progress: Path | None = None,
-                  config: Path = ROOT / "configs/sentiment-lora.yaml", overrides: list[str] = ()) -> dict:
+def _train_stage(data: Path, out: Path, name: str, config: Path, overrides: list[str], progress: Path | None,
+                 clock_zero: float | None = None, epoch_offset: float = 0.0):
+    """One tunesmith run on the split, evaluating the held-out set twice an epoch.
+
+    Returns the run, its evaluations and the wall time its clock started. With `clock_zero` (an
+    earlier stage's start), the evaluations' times count from then and their epochs continue
+    from `epoch_offset`: a second stage continues the first one's clock."""
     from tunesmith.config import load_config
     from tunesmith.train import train
 
-    overrides = [*overrides, *([f"--train.epochs={epochs}"] if epochs else [])]
     t = load_config(config, overrides).train
     steps_per_epoch = -(-len(_read(data / 'train.jsonl')) // t.batch_size) // t.grad_accum
     eval_every = max(1, steps_per_epoch // 2)  # twice an epoch
+    evals: list[dict] = []
+    start: list[float] = []  # this stage's clock start (wall), known from its first evaluation
+
+    def on_event(e: dict) -> None:
+        if e.get("kind") == "eval" and "accuracy" in e:
+            start[:] = start or [time.time() - e["elapsed_s"]]
+            shift = start[0] - clock_zero if clock_zero is not None else 0.0
+            evals.append({"epoch": round(e["epoch"] + epoch_offset, 3), "elapsed_s": round(e["elapsed_s"] + shift, 2),
+                          "accuracy": e["accuracy"], "loss": e["loss"]})
+            _progress(progress, evals[-1])
+
     res = train(config, [*overrides,
         f"--data.train={data / 'train.jsonl'}", f"--data.validation={data / 'heldout.jsonl'}",
         f"--data.test={data / 'heldout.jsonl'}", f"--data.labels={json.dumps(LABELS)}",
         f"--train.eval_every={eval_every}", "--eval.before=false", "--eval.samples=[]",
-        f"--output.dir={out}/{{name}}", "--output.name=tta"],
-        on_event=lambda e: _progress(progress, {k: e[k] for k in ("epoch", "elapsed_s", "accuracy", "loss")})
-        if e.get("kind") == "eval" and "accuracy" in e else None)
-    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [{"epoch": r["epoch"], "elapsed_s": r["elapsed_s"], "accuracy": r["accuracy"], "loss": r["loss"]}
-             for r in rows if r["kind"] == "eval"]
-    side = f"tunesmith ({Path(config).name}{' ' + ' '.join(overrides) if overrides else ''})"
-    return {"side": side, "evals": evals, "kept_accuracy": res.after["metrics"]["accuracy"],
-            "kept_epoch": max(evals, key=lambda e: e["accuracy"])["epoch"], "precision": res.summary.get("precision")}
+        f"--output.dir={out}/{{name}}", f"--output.name={name}"], on_event=on_event)
+    return res, evals, start[0]
+
+
+def run_tunesmith(data: Path, epochs: int | None, out: Path, progress: Path | None = None,
+                  config: Path = ROOT / "configs/sentiment-lora.yaml", overrides: list[str] = (),
+                  first: Path | None = None, first_overrides: list[str] = ()) -> dict:
+    """tunesmith's side: `config`; or `first`, then `config` started from the model `first` trained
+    (for example the head and top blocks on the frozen-bottom cache, then LoRA everywhere: LP-FT,
+    Kumar et al. 2022). The second stage's clock continues from the first stage's start, so all
+    that happens in between (the first stage's final evaluation and save, loading the second
+    stage's model, tokenising) counts against tunesmith."""
+    overrides = [*overrides, *([f"--train.epochs={epochs}"] if epochs else [])]
+    evals, clock_zero, epoch_offset, side = [], None, 0.0, "tunesmith ("
+    if first is not None:
+        first_overrides = [*first_overrides, *([f"--train.epochs={epochs}"] if epochs else [])]
+        first_run, evals, clock_zero = _train_stage(data, out, "tta-first", first, first_overrides, progress)
+        epoch_offset = evals[-1]["epoch"]
+        side += f"{Path(first).name}{' ' + ' '.join(first_overrides) if first_overrides else ''}, then "
+    side += f"{Path(config).name}{' ' + ' '.join(overrides) if overrides else ''}"
+    side += " from the model stage 1 saved)" if first is not None else ")"
+    if first is not None:  # a finished run folder is a base (models/load.py)
+        overrides = [*overrides, f"--model.name_or_path={first_run.run_dir}"]
+    res, last, _ = _train_stage(data, out, "tta", config, overrides, progress, clock_zero, epoch_offset)
+    flops = None
+    if first is None:  # (a first stage on the frozen-bottom cache skips work a plain count would include)
+        from tunesmith.runs import load_run
+
+        loaded = load_run(res.run_dir)
+        for name, p in loaded.model.named_parameters():  # as it trained: the adapter and the head
+            p.requires_grad = "lora_" in name or "modules_to_save" in name
+        flops = run_flops(loaded.model, loaded.tokenizer, data, last[-1]["epoch"], len(last))
+    return {"side": side, "evals": [*evals, *last], "kept_accuracy": res.after["metrics"]["accuracy"],
+            "kept_epoch": max(last, key=lambda e: e["accuracy"])["epoch"], "precision": res.summary.get("precision"),
+            "flops": flops}
 
 
 def first_best(evals: list[dict]) -> dict:
@@ -164,6 +248,9 @@ def main() -> None:
                     help="tunesmith's side: the config it runs (default: the shipped main job)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="--KEY=VALUE",
                     help="an override for tunesmith's side, as on the CLI (repeatable), e.g. --set=--train.epochs=5")
+    ap.add_argument("--first", help="tunesmith's side: a config to run first; --config then starts from the model it trained")
+    ap.add_argument("--first-set", dest="first_overrides", action="append", default=[], metavar="--KEY=VALUE",
+                    help="an override for the --first config (repeatable)")
     ap.add_argument("--side", choices=["baseline", "tunesmith"],
                     help="run one side only (for trying configs; the ratio needs both in one run)")
     ap.add_argument("--tag", help="appended to the result files' names")
@@ -177,7 +264,8 @@ def main() -> None:
     if args.worker:
         data, progress = Path(args.data), Path(args.progress) if args.progress else None
         result = (run_baseline(data, base_epochs, progress) if args.worker == "baseline"
-                  else run_tunesmith(data, ts_epochs, Path(args.out).parent, progress, Path(args.config), args.overrides))
+                  else run_tunesmith(data, ts_epochs, Path(args.out).parent, progress, Path(args.config), args.overrides,
+                                    Path(args.first) if args.first else None, args.first_overrides))
         Path(args.out).write_text(json.dumps(result))
         return
 
@@ -200,20 +288,31 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--worker", side, "--data", str(data), "--out", str(out),
                             "--progress", str(progress), "--config", args.config]
-                           + [f"--set={o}" for o in args.overrides] + (["--quick"] if args.quick else []), cwd=ROOT, check=True)
+                           + [f"--set={o}" for o in args.overrides] + (["--first", args.first] if args.first else [])
+                           + [f"--first-set={o}" for o in args.first_overrides] + (["--quick"] if args.quick else []),
+                           cwd=ROOT, check=True)
             results[side] = json.loads(out.read_text()) | {"process_s": time.perf_counter() - t0}
-    from stepbench import machine  # bench/ is on sys.path: this script lives there
+    from stepbench import machine, matmul_peak  # bench/ is on sys.path: this script lives there
 
     device, _ = machine()
+    # The MFU denominator, measured in this run, in each side's precision (the baseline's is fp32).
+    peaks = {prec: matmul_peak(prec) for prec in {r.get("precision") or "fp32" for r in results.values()}}
+    peak = peaks.get("fp32") or next(iter(peaks.values()))
     print(f"\nIMDB sentiment, {n} train / {n} held-out reviews, {device}\n")
     for side, r in results.items():
         print(f"{r['side']}: held-out accuracy by time")
         print("  " + ", ".join(f"ep {e['epoch']:.2f}: {e['accuracy']:.3f} at {e['elapsed_s']:.0f} s" for e in r["evals"]))
+        if r.get("flops"):  # model FLOPs up to the last evaluation over that clock, over the matmul peak
+            prec = r.get("precision") or "fp32"
+            r["mfu"] = r["flops"] / r["evals"][-1]["elapsed_s"] / peaks[prec]
+            print(f"  utilisation over its clock (training and evaluations): {r['flops'] / 1e12:.1f} TFLOP in "
+                  f"{r['evals'][-1]['elapsed_s']:.0f} s = {r['flops'] / r['evals'][-1]['elapsed_s'] / 1e9:.1f} GFLOP/s, "
+                  f"MFU {r['mfu']:.0%} of a {peaks[prec] / 1e9:.0f} GFLOP/s {prec} matmul peak")
     if args.side:  # one side: its evaluations above are the result; no ratio without the other side
         r = results[args.side]
         print(f"best {first_best(r['evals'])['accuracy']:.3f}, kept {r['kept_accuracy']:.3f}, whole process {r['process_s']:.0f} s")
         (results_dir / f"{tag}.json").write_text(json.dumps(
-            {"device": device, "date": time.strftime("%Y-%m-%d"), "n": n, "results": results}, indent=2))
+            {"device": device, "date": time.strftime("%Y-%m-%d"), "n": n, "peak_flops": peaks, "results": results}, indent=2))
         return
     base, ours = results["baseline"], results["tunesmith"]
     bb, ob = first_best(base["evals"]), first_best(ours["evals"])
@@ -227,7 +326,7 @@ def main() -> None:
              if reach else "never (within its epochs)"))
     print(f"kept model: tunesmith {ours['kept_accuracy']:.3f} (target 0.87), baseline {base['kept_accuracy']:.3f}")
     (results_dir / f"{tag}.json").write_text(json.dumps(
-        {"device": device, "date": time.strftime("%Y-%m-%d"), "n": n, "results": results}, indent=2))
+        {"device": device, "date": time.strftime("%Y-%m-%d"), "n": n, "peak_flops": peaks, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -191,3 +191,21 @@ def test_eval_base_model_cli(tmp_path, tiny_llama, qa_rows, capsys):
     assert "Evaluated 8 examples." in out and "| perplexity |" in out and "| contains |" in out
     result = json.loads(out_json.read_text())
     assert result["metrics"]["tokens"] > 0 and len(result["generations"]) == 8
+
+
+def test_a_finished_run_is_a_base_for_the_next(tmp_path, tiny_bert, sentiment_rows):
+    """LP-FT as two runs: the head (and top block) first, then LoRA from the model that run saved.
+    The second run must start from the first one's weights, head included: its 'before'
+    evaluation is the first run's 'after' on the same held-out split."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.train import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows)
+    first = train(_cls_config(tmp_path, tiny_bert, data, "head", epochs=5))
+    second = train(_cls_config(tmp_path, tiny_bert, data, "lora", epochs=1),
+                   [f"--model.name_or_path={first.run_dir}", "--output.name=second"])
+    assert second.before["metrics"]["loss"] == pytest.approx(first.after["metrics"]["loss"], abs=1e-6)
+    assert second.before["metrics"]["accuracy"] == first.after["metrics"]["accuracy"]
+    with pytest.raises(TunesmithError, match="saved an adapter, not a whole model; merge it first"):
+        train(_cls_config(tmp_path, tiny_bert, data, "lora", epochs=1),
+              [f"--model.name_or_path={second.run_dir}", "--output.name=third"])

@@ -29,8 +29,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name_or_path: str = Field(
         "builtin:all-MiniLM-L6-v2",
-        description="Base model: a local Hugging Face folder, a hub id, a .gguf file, or a "
-        "builtin: alias (builtin:all-MiniLM-L6-v2, builtin:SmolLM2-135M-Instruct) that ships offline.",
+        description="Base model: a local Hugging Face folder, a hub id, a .gguf file, a "
+        "builtin: alias (builtin:all-MiniLM-L6-v2, builtin:SmolLM2-135M-Instruct) that ships offline, "
+        "or a finished full/head/selective run folder (the model it saved; e.g. head first, then LoRA).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder/hub.")

@@ -36,12 +36,26 @@ def resolve_model_path(name: str) -> str:
             raise TunesmithError(f"model file not found: {p}")
         return str(gguf_to_folder(p))
     if p.exists():
+        if p.is_dir() and not (p / "config.json").exists() and (p / "run.json").is_file():
+            return str(_run_model(p))
         if p.is_dir() and not (p / "config.json").exists():
             raise TunesmithError(f"{p}: not a model folder (no config.json)")
         return str(p)
     if path_str.startswith((".", "/", "~")) or path_str.count("/") > 1:
         raise TunesmithError(f"model path does not exist: {path_str}")
     return path_str  # a hub id such as 'org/name'; from_pretrained fetches it where the hub is reachable
+
+
+def _run_model(run: Path) -> Path:
+    """A finished run as a base for the next one (continued training, or LP-FT: head first on the
+    frozen-bottom cache, then LoRA): the whole model it saved. An adapter run has no whole model
+    until it is merged, and starting from its base would silently drop what it learned."""
+    if (run / "model" / "config.json").is_file():
+        return run / "model"
+    if (run / "adapter").is_dir() or (run / "bottleneck").is_dir():
+        raise TunesmithError(f"{run}: this run saved an adapter, not a whole model; merge it first "
+                             f"(tunesmith merge {run} --out FOLDER) and start from FOLDER")
+    raise TunesmithError(f"{run}: a run folder without a saved model (no model/config.json)")
 
 
 def gguf_to_folder(gguf: Path) -> Path:
