@@ -128,12 +128,14 @@ def test_gradient_checkpointing_takes_the_same_steps(tiny_llama, qa_rows, tmp_pa
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_equals_uninterrupted(tiny_llama, qa_rows, tmp_path):
-    """Stop after 2 evaluations' worth of steps, resume, and land on the same weights and losses."""
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_equals_uninterrupted(tiny_llama, qa_rows, tmp_path, ema_decay):
+    """Stop after 2 evaluations' worth of steps, resume, and land on the same weights and losses
+    (with a weight average too: its state must resume, or the final, averaged weights differ)."""
     from tunesmith.train import train
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
-    kw = dict(batch_size=4, eval_every=2, keep_checkpoints=5, log_every=3, epochs=3, val_size=4)
+    kw = dict(batch_size=4, eval_every=2, keep_checkpoints=5, log_every=3, epochs=3, val_size=4, ema_decay=ema_decay)
     full = train(_cfg(tiny_llama, data, tmp_path / "full", **kw)).run_dir
     cut = _cfg(tiny_llama, data, tmp_path / "cut", **kw)
     # the same run, interrupted: run to step 4 by cancelling, then resume
@@ -158,6 +160,60 @@ def test_resume_equals_uninterrupted(tiny_llama, qa_rows, tmp_path):
     summary = json.loads((full / "run.json").read_text())
     assert 0 < summary["train_peak_rss_mb"] <= summary["peak_rss_mb"]
     assert [(r["kind"], r["step"], round(r["loss"], 5)) for r in lf] == [(r["kind"], r["step"], round(r["loss"], 5)) for r in lr]
+
+
+def test_weight_average_recursion_and_swap():
+    from tunesmith.train.averaging import WeightAverage
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    ema = WeightAverage([p], decay=0.5)
+    expect = p.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            p.add_(torch.randn(3, 4))  # an "optimizer step"
+        ema.update()
+        d = min(0.5, (1 + n) / (10 + n))  # warm-up: 0.18, 0.25, 0.31, 0.36, 0.4
+        expect = d * expect + (1 - d) * p.detach()
+    torch.testing.assert_close(ema.shadow[0], expect)
+    raw = p.detach().clone()
+    with ema.applied():
+        torch.testing.assert_close(p.detach(), expect)  # evaluation sees the average
+    assert torch.equal(p.detach(), raw)  # training continues from the raw weights, bit for bit
+    state = ema.state_dict()
+    other = WeightAverage([p], decay=0.5)
+    other.load_state_dict(state)
+    assert other.updates == 5 and torch.equal(other.shadow[0], ema.shadow[0])
+    with pytest.raises(RuntimeError, match="does not match"):
+        WeightAverage([torch.nn.Parameter(torch.zeros(2))], 0.5).load_state_dict(state)
+
+
+def test_weight_average_is_what_the_run_evaluates_and_keeps(tiny_llama, qa_rows, tmp_path):
+    """With train.ema_decay, the logged validation loss is the averaged model's, and the saved model
+    is that average: scoring the saved model reproduces the last logged validation loss."""
+    from tunesmith.train import train
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
+    runs = {}
+    for name, decay in (("raw", None), ("ema", 0.9)):
+        cfg = _cfg(tiny_llama, data, tmp_path / name, batch_size=4, max_steps=4, eval_every=2, val_size=4,
+                   ema_decay=decay, load_best=False)
+        runs[name] = train(cfg).run_dir
+    last = {k: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
+            for k, r in runs.items()}
+    assert last["raw"]["loss"] != pytest.approx(last["ema"]["loss"], rel=1e-4)
+    wr, we = _final_weights(runs["raw"]), _final_weights(runs["ema"])
+    assert any(not torch.allclose(wr[k], we[k]) for k in wr)
+    # score the saved averaged model on the same validation split
+    from tunesmith.data import prepare_data
+    from tunesmith.evaluate import score_features
+    from tunesmith.train.runtime import make_accelerator
+    cfg = load_config(str(runs["ema"] / "config.yaml"))
+    tok = load_tokenizer(str(runs["ema"] / "model"))
+    model = load_model(str(runs["ema"] / "model"), "sft", pad_token_id=tok.pad_token_id)
+    val = prepare_data(cfg, tok).splits["validation"]
+    m = score_features(model, val.features, cfg, None, tok.pad_token_id, make_accelerator(cfg.train)[0])
+    assert m["loss"] == pytest.approx(last["ema"]["loss"], rel=1e-4)
 
 
 def test_resume_refuses_a_changed_config(tiny_llama, qa_rows, tmp_path):

@@ -240,6 +240,10 @@ class TrainConfig(_Section):
         4.0, ge=0, description="When only the top of the model trains (head; selective; LoRA/IA3/adapter with "
         "method.layers above block 0) and the model's dropout is 0, keep the frozen bottom's output for each example "
         "(up to this many GB) instead of recomputing it every epoch and evaluation. Exact. 0: off.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Evaluate, keep and save an exponential moving average of the trainable "
+        "weights with this decay (e.g. 0.99; warmed up as min(decay, (1+n)/(10+n)) over the n steps taken). "
+        "Smooths the step-to-step noise of small-data runs; costs one copy of the trainable weights. None: off.")
     eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N steps, or each epoch.")
     metric: str | None = Field(
         None, description="Validation metric for keep-best / early stopping (default: accuracy or loss)."
@@ -351,6 +355,9 @@ class RunConfig(_Section):
         if self.task in ONLINE_TASKS and not (self.pref.reward_model or self.pref.reward_fn):
             problems.append(f"pref.reward_model / pref.reward_fn: task {self.task} needs a reward (a reward-model run, "
                             "a Python function, or both)")
+        if self.train.ema_decay is not None and self.task in ONLINE_TASKS:
+            problems.append(f"train.ema_decay: not supported for task {self.task} (its rollouts sample from the "
+                            "raw policy)")
         if self.pref.reward_label is not None and not self.pref.reward_model:
             problems.append("pref.reward_label: only applies with pref.reward_model")
         for split in ("val_size", "test_size"):

@@ -29,6 +29,7 @@ from tunesmith.evaluate import score_features
 from tunesmith.objectives import count_items, for_task
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import frozen_cache
+from tunesmith.train.averaging import WeightAverage
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -93,6 +94,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema = WeightAverage(params, t.ema_decay) if t.ema_decay else None
+    averaged = ema.applied if ema is not None else nullcontext  # what evaluation and the kept model see
     frozen, why = frozen_cache.plan(acc.unwrap_model(model), cfg, [feats, val.features if val is not None else []])
     if why:
         emit({"kind": "message", "text": why})
@@ -109,6 +112,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         prog = {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
         _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -151,6 +156,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             prog["step"] += 1
             prog["batch"] += len(group)
             step = prog["step"]
@@ -175,11 +182,14 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             if step % eval_every == 0 or step == total_steps or (t.eval_every == "epoch" and epoch_done):
                 row: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch_float}
                 if val is not None:
-                    m = score_features(model, val.features, cfg, data.labels, pad_id, acc, frozen=frozen)
-                    row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
-                    if _improved(row[metric], prog["best_value"], greater):
+                    with averaged():
+                        m = score_features(model, val.features, cfg, data.labels, pad_id, acc, frozen=frozen)
+                        row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+                        improved = _improved(row[metric], prog["best_value"], greater)
+                        if improved:  # the kept copy holds what was just evaluated
+                            ckpt.save_checkpoint(run_dir / "checkpoints" / "best", acc.unwrap_model(model))
+                    if improved:
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)
-                        ckpt.save_checkpoint(run_dir / "checkpoints" / "best", acc.unwrap_model(model))
                     else:
                         prog["bad_evals"] += 1
                     stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
@@ -187,16 +197,18 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     bar.write(f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
                 row["elapsed_s"] = round(time.perf_counter() - start, 2)  # training clock incl. evals: time-to-accuracy
                 log(row)
-                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog))
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog), ema=ema)
                 ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
                 emit({"kind": "checkpoint", "step": step})
             if cancel is not None and cancel.is_set():
-                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog))
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog), ema=ema)
                 bar.close()
                 raise TrainingCancelled(f"cancelled at step {step}; resume with --resume")
             if epoch_done:
                 break  # next epoch: a new order
     bar.close()
+    if ema is not None:
+        ema.copy_to_params()  # the model this run hands on is the average it evaluated
     return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
                      stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
 
