@@ -8,7 +8,8 @@ early on the average spans about the last tenth of the steps taken rather than d
 initial weights along.
 
 Training always continues from the raw weights; the average is swapped in only to evaluate, to save
-the kept model, and for the final model.
+the kept model, and for the final model. Not torch.optim.swa_utils.AveragedModel: that deep-copies
+the whole module, frozen base included (a second copy of the model for a 1 MB adapter).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class WeightAverage:
         torch._foreach_copy_([p.data for p in self.params], self.shadow)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": [s.cpu() for s in self.shadow]}
+        return {"updates": self.updates, "shadow": [s.cpu() for s in self.shadow]}  # decay: from the config
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["shadow"]) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
