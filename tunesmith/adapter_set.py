@@ -22,6 +22,12 @@ from tunesmith.train.runtime import make_accelerator
 from tunesmith.config import HEAD_TASKS
 
 
+def base_key(cfg: RunConfig) -> tuple:
+    """What adapters must share to go on one loaded base: the model, its head type, its quantisation."""
+    return (resolve_model_path(cfg.model.name_or_path), cfg.task in HEAD_TASKS, cfg.method.opt("quantize")
+            if cfg.method.name in ("lora", "dora", "qlora") else "none")
+
+
 @dataclass
 class _Entry:
     run_dir: Path
@@ -60,8 +66,7 @@ class AdapterSet:
                                  "only adapter runs can share a base")
         cfg = load_config(run_dir / "config.yaml")
         info = json.loads((run_dir / "run.json").read_text())
-        key = (resolve_model_path(cfg.model.name_or_path), cfg.task in HEAD_TASKS, cfg.method.opt("quantize")
-               if cfg.method.name in ("lora", "dora", "qlora") else "none")
+        key = base_key(cfg)
         if self.base_key is not None and key != self.base_key:
             raise TunesmithError(f"{run_dir}: its base {key} differs from the loaded base {self.base_key}; "
                                  "adapters in one set must share the base model, head type and quantisation")

@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--config", help="run config whose data/model settings to use")
     dc.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    sv = sub.add_parser("serve", help="serve runs (many LoRA adapters over one base) behind an OpenAI-compatible API")
+    sv.add_argument("models", nargs="+", metavar="RUN_OR_MODEL", help="runs and/or a base model; adapter runs of "
+                    "one base load it once. Name one NAME=PATH (default: the folder's name; a base: its name_or_path)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
+    sv.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the first run's train.precision")
+    sv.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
+    sv.add_argument("--engine", choices=["tunesmith", "vllm"], default="tunesmith",
+                    help="vllm: print the `vllm serve` command for the same folders (and run it where vLLM is installed)")
+
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
     c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
@@ -156,6 +167,15 @@ def run(argv: list[str]) -> int:
         report = check_data(args.file, args.config, rest)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 1 if report["problems"] else 0
+    elif args.command == "serve":
+        _no_overrides(rest)
+        if args.engine == "vllm":
+            from tunesmith.serve.vllm import run_vllm
+
+            return run_vllm(args.models, args.host, args.port, args.api_key)
+        from tunesmith.serve import serve
+
+        serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 
