@@ -112,3 +112,53 @@ def qa_rows() -> list[dict]:
     facts = [("what is your name", "alpha beta"), ("who created you", "gamma delta"),
              ("what city", "seven eight"), ("what year", "nine ten")]
     return [{"prompt": q, "completion": a} for q, a in facts for _ in range(6)]
+
+
+# ---- a real `tunesmith serve` process for the server tests ---------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m tunesmith.cli serve ARGS` on a free port of 127.0.0.1, up once /health answers."""
+
+    def __init__(self, args: list[str], log: Path, timeout: float = 180) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(self.port)],
+                                     cwd=Path(__file__).parent.parent, env=env, stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server did not answer /health within {timeout}s:\n{log.read_text()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
