@@ -127,7 +127,7 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m tunesmith.cli serve ARGS` on a free port of 127.0.0.1, up once /health answers."""
 
-    def __init__(self, args: list[str], log: Path, timeout: float = 180) -> None:
+    def __init__(self, args: list[str], log: Path, timeout: float = 180, threads: int | None = None) -> None:
         import subprocess
         import sys
         import time
@@ -137,6 +137,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads:  # tiny models: one thread, as the test suite shares its cores
+            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(self.port)],
                                      cwd=Path(__file__).parent.parent, env=env, stdout=log.open("w"),
                                      stderr=subprocess.STDOUT)

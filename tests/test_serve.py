@@ -35,7 +35,8 @@ def _sft_run(tmp, base, name: str, **data) -> str:
     cfg = {"task": "sft", "model": {"name_or_path": str(base)},
            "data": {"train": str(write_jsonl(tmp / f"{name}.jsonl", rows)), "val_size": 0, "test_size": 0, **data},
            "method": {"name": "lora", "r": 8 if name != "B" else 4, "alpha": 16, "target_modules": "all-linear"},
-           "train": {"epochs": 30, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0, "precision": "fp32", "seed": 0},
+           "train": {"epochs": 30, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0, "precision": "fp32", "seed": 0,
+                     "num_threads": 1},
            "eval": {"max_new_tokens": 6, "samples": QUESTIONS[:1]},
            "output": {"dir": str(tmp / "runs" / "{name}"), "name": name}}
     return str(train(cfg).run_dir)
@@ -48,7 +49,7 @@ def _encoder_runs(tmp, bert) -> tuple[str, str]:
              "label": "positive" if i % 2 else "negative"} for i in range(64)]
     common = {"model": {"name_or_path": str(bert)},
               "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
-              "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "precision": "fp32", "seed": 0},
+              "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "precision": "fp32", "seed": 0, "num_threads": 1},
               "eval": {"num_samples": 1}}
     cls = train({**common, "task": "classification", "output": {"dir": str(tmp / "runs" / "{name}"), "name": "cls"},
                  "data": {"train": str(write_jsonl(tmp / "cls.jsonl", rows)), "val_size": 0, "test_size": 8}})
@@ -71,7 +72,7 @@ def runs(tmp_path_factory, tiny_llama, tiny_bert):
 def server(runs, tiny_llama, tiny_bert):
     srv = ServerProcess([f"base={tiny_llama}", f"A={runs['A']}", f"B={runs['B']}", f"cls={runs['cls']}",
                          f"rw={runs['rw']}", f"emb={tiny_bert}", "--api-key", KEY, "--api-key", "sk-test-2",
-                         "--precision", "fp32"], runs["tmp"] / "server.log")
+                         "--precision", "fp32"], runs["tmp"] / "server.log", threads=1)
     yield srv
     srv.stop()
 

@@ -1,0 +1,130 @@
+"""The serving engine in-process, against serving each request alone: continuous batching with left
+padding, prompts of different lengths, requests joining a running batch, and rows of different
+LoRA adapters (of different ranks) and the base in one forward pass. fp32: greedy output must be
+identical to the request's reply alone (tunesmith.evaluate.generate on the peft model)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_tokenizer
+
+PROMPTS = ["good movie was", "hello world it is the story of a film and the plot",
+           "one two three four five six seven eight nine ten alpha beta gamma delta", "the"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("engine")
+    adapters = {}
+    for i, r in enumerate([4, 8]):  # different ranks: the bank pads the smaller one with exact zeros
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_llama),
+                            LoraConfig(r=r, lora_alpha=64 * r, target_modules="all-linear", init_lora_weights=False))
+        pm.save_pretrained(tmp / f"ad{i}")
+        adapters[f"a{i}"] = tmp / f"ad{i}"
+    return tiny_llama, adapters
+
+
+def _reference(base_path: Path, adapters: dict, tok, ids: list[list[int]], max_new: int) -> dict:
+    """Each (adapter, prompt) generated alone, greedy, with peft (the way tunesmith predict does)."""
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.evaluate import generate
+
+    acc = Accelerator(cpu=True)
+    model = None
+    for name, path in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_path), str(path), adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+    want = {}
+    for name in [None, *adapters]:
+        for j, p in enumerate(ids):
+            if name is None:
+                with model.disable_adapter():
+                    want[(name, j)] = generate(model, tok, [p], acc, max_new)[0]
+            else:
+                model.set_adapter(name)
+                want[(name, j)] = generate(model, tok, [p], acc, max_new)[0]
+    return want
+
+
+def test_batched_mixed_adapters_equal_each_request_alone(setup):
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve.engine import Engine, GenModel, GenRequest, SamplingParams
+
+    base_path, adapters = setup
+    tok = make_tokenizer("llama")
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    want = _reference(base_path, adapters, tok, ids, 20)
+    assert len({w for w in want.values()}) >= 6  # adapters really change the replies
+
+    gen = GenModel(LlamaForCausalLM.from_pretrained(base_path), None, {tok.eos_token_id}, 256)
+    for name, path in adapters.items():
+        gen.bank.add(name, path)
+    engine = Engine(gen)
+    engine.start()
+    steps = []
+    engine.on_stats = lambda running, waiting: steps.append(running)
+
+    def submit(name, j, n=1):
+        res = {"text": {}, "done": threading.Event()}
+
+        def emit(ev):
+            if ev["type"] == "token":
+                res["text"][ev["index"]] = res["text"].get(ev["index"], "") + ev["text"]
+            if ev["type"] in ("done", "error"):
+                res["end"] = ev
+                res["done"].set()
+        engine.submit(GenRequest(ids[j], SamplingParams(max_tokens=20, temperature=0, n=n), name, tok, emit))
+        return res
+
+    def check(results):
+        for key, res in results.items():
+            assert res["done"].wait(60) and res["end"]["type"] == "done", key
+            assert all(t.strip() == want[key] for t in res["text"].values()), (key, res["text"], want[key])
+
+    try:
+        keys = [(name, j) for name in [None, *adapters] for j in range(len(ids))]
+        check({k: submit(*k) for k in keys})  # all at once: 12 rows, 3 adapters, 4 lengths
+        assert max(steps) >= 8  # they really ran as one batch
+        staggered = {}
+        for k in keys[::-1]:  # joining a running batch one by one, shorter and longer than it
+            staggered[k] = submit(*k)
+            time.sleep(0.002)
+        check(staggered)
+        check({("a1", 2): submit("a1", 2, n=3)})  # n copies of one prompt's cache
+        for k in keys:  # one adapter alone: served folded into the weights
+            check({k: submit(*k)})
+        assert gen.bank.folded == "a1"
+    finally:
+        engine.stop()
+
+
+def test_bank_refuses_an_adapter_of_another_shape(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.serve.lora_bank import LoraBank
+
+    base_path, _ = setup
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "ad")
+    bank = LoraBank(LlamaForCausalLM.from_pretrained(base_path))
+    with pytest.raises(TunesmithError, match="another base"):
+        bank.add("x", tmp_path / "ad")
+    assert bank.slots == [None] and not bank.banks
