@@ -128,3 +128,34 @@ def test_bank_refuses_an_adapter_of_another_shape(setup, tmp_path):
     with pytest.raises(TunesmithError, match="another base"):
         bank.add("x", tmp_path / "ad")
     assert bank.slots == [None] and not bank.banks
+
+
+def test_bank_grows_past_capacity_and_removes_in_place(setup, monkeypatch):
+    """Slots past the preallocated capacity, a larger rank arriving later, and removing a middle slot
+    (the last one moves into it) leave every other adapter's rows exactly as they were."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve import lora_bank
+
+    base_path, adapters = setup
+    monkeypatch.setattr(lora_bank, "INITIAL_SLOTS", 2)
+    bank = lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval())
+    ids = torch.tensor([[5, 6, 7, 8]] * 4)
+
+    def logits(names):
+        bank.use(names)
+        with torch.no_grad():
+            return bank.model(input_ids=ids).logits
+
+    bank.add("x", adapters["a0"])  # rank 4
+    before = logits([None, "x", "x", None])
+    bank.add("y", adapters["a1"])  # rank 8: every slot re-laid out, capacity doubled
+    bank.add("z", adapters["a0"])
+    assert bank.capacity == 4 and bank.rank == 8
+    mixed = logits([None, "x", "y", "z"])
+    assert torch.allclose(mixed[1], before[1], atol=1e-5) and torch.equal(mixed[0], before[0])
+    bank.remove("x")
+    assert bank.slots == [None, "z", "y"]
+    after = logits(["y", "z", None, "y"])
+    assert torch.allclose(after[0], mixed[2], atol=1e-5) and torch.allclose(after[1], mixed[3], atol=1e-5)
+    assert torch.allclose(mixed[3], before[1], atol=1e-5)  # z is x's adapter file

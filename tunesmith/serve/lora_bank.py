@@ -42,13 +42,10 @@ class Route:
 
 
 class _Bank:
-    def __init__(self, linear: nn.Linear, rank: int) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
         self.weight = linear.weight  # the base weight, kept while a folded copy is in use
-        w = linear.weight
-        self.a = torch.zeros(rank, w.shape[1], dtype=w.dtype)  # slot 0: the base
-        self.b = torch.zeros(w.shape[0], rank, dtype=w.dtype)
-        self.scale = torch.zeros(rank, dtype=w.dtype)  # scaling of each slot, repeated over its r columns
+        self.a = self.b = self.scale = None  # allocated by LoraBank._layout
 
 
 def _lora_weights(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], object]:
@@ -85,6 +82,15 @@ def _lora_weights(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tenso
     return out, cfg
 
 
+# Slots are allocated ahead (torch.empty: pages the OS maps only once written), so loading an
+# adapter writes its own slot in place: no copy of the others, and resident memory grows by the
+# adapter's own bytes. Past the capacity the stacks are laid out again at twice the size.
+INITIAL_SLOTS = 16
+# One adapter alone is served folded, but folding copies every adapted weight: worth it for a
+# stream of steps, not for one short request. Fold once it has run alone for this many forwards.
+FOLD_AFTER = 8
+
+
 class LoraBank:
     """The adapters of one base model, stacked per layer; `route` decides how a forward applies them."""
 
@@ -93,10 +99,17 @@ class LoraBank:
         self.banks: dict[str, _Bank] = {}
         self.slots: list[str | None] = [None]  # slot -> adapter name; slot 0 is the base
         self.rank = 0
+        self.capacity = 0
         self.route = Route()
         self.folded: str | None = None  # adapter whose folded weights are cached
         self._folded_weights: dict[str, nn.Parameter] = {}
+        self._solo: tuple[str | None, int] = (None, 0)  # adapter running alone, for how many forwards
         self.param_bytes: dict[str, int] = {}
+
+    @property
+    def used(self) -> int:
+        """Rows of A_cat (columns of B_cat) in use: every slot's r."""
+        return len(self.slots) * self.rank
 
     # ---- loading ------------------------------------------------------------------------------
     def add(self, name: str, path: Path) -> None:
@@ -124,59 +137,66 @@ class LoraBank:
 
     def attach(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Add read weights as a new slot (the engine thread only: the next forward sees it)."""
-        r_new = max(a.shape[0] for a, _, _ in weights.values())
-        if r_new > self.rank:
-            self._grow_rank(r_new)
+        rank = max(self.rank, max(a.shape[0] for a, _, _ in weights.values()))
+        for module in weights:
+            if module not in self.banks:
+                layer = self.model.get_submodule(module)
+                self.banks[module] = bank = _Bank(layer)
+                layer.forward = _banked_forward(layer, bank, self)
+        if rank != self.rank or len(self.slots) == self.capacity or any(b.a is None for b in self.banks.values()):
+            self._layout(rank, max(INITIAL_SLOTS, self.capacity * (2 if len(self.slots) == self.capacity else 1)))
+        slot = len(self.slots)
         self.slots.append(name)
-        for module, bank in list(self.banks.items()) + [(m, None) for m in weights if m not in self.banks]:
-            if bank is None:
-                bank = self._new_bank(module)
-            w = bank.linear.weight
-            a_s = torch.zeros(self.rank, w.shape[1], dtype=w.dtype)
-            b_s = torch.zeros(w.shape[0], self.rank, dtype=w.dtype)
-            s = 0.0
-            if module in weights:
-                a, b, s = weights[module]
-                a_s[: a.shape[0]] = a.to(w.dtype)
-                b_s[:, : b.shape[1]] = b.to(w.dtype)
-            bank.a = torch.cat([bank.a, a_s])
-            bank.b = torch.cat([bank.b, b_s], dim=1)
-            bank.scale = torch.cat([bank.scale, torch.full((self.rank,), s, dtype=w.dtype)])
+        for module, bank in self.banks.items():
+            self._write(bank, slot, weights.get(module))
         self.param_bytes[name] = sum(a.nbytes + b.nbytes for a, b, _ in weights.values())
 
-    def _new_bank(self, module: str) -> _Bank:
-        layer = self.model.get_submodule(module)
-        bank = _Bank(layer, self.rank * len(self.slots[:-1]))
-        self.banks[module] = bank
-        layer.forward = _banked_forward(layer, bank, self)
-        return bank
+    def _write(self, bank: _Bank, slot: int, w: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
+        lo, hi = slot * self.rank, (slot + 1) * self.rank
+        bank.a[lo:hi] = 0.0
+        bank.b[:, lo:hi] = 0.0
+        bank.scale[lo:hi] = 0.0
+        if w is not None:  # zero rows of A / columns of B past its rank add exact zeros
+            a, b, s = w
+            bank.a[lo:lo + a.shape[0]] = a.to(bank.a.dtype)
+            bank.b[:, lo:lo + b.shape[1]] = b.to(bank.b.dtype)
+            bank.scale[lo:hi] = s
 
-    def _grow_rank(self, rank: int) -> None:
-        """Zero-pad every slot to the new largest rank (zero rows of A / columns of B add exact zeros)."""
-        old, n = self.rank, len(self.slots)
+    def _layout(self, rank: int, capacity: int) -> None:
+        """(Re)allocate every layer's stacks for `capacity` slots of rank `rank`, keeping the loaded ones."""
+        old_rank = self.rank
         for bank in self.banks.values():
-            a = bank.a.view(n, old, -1)
-            bank.a = F.pad(a, (0, 0, 0, rank - old)).reshape(n * rank, -1)
-            b = bank.b.view(bank.b.shape[0], n, old)
-            bank.b = F.pad(b, (0, rank - old)).reshape(bank.b.shape[0], n * rank)
-            bank.scale = F.pad(bank.scale.view(n, old), (0, rank - old), value=0.0).reshape(-1)
-            bank.scale.view(n, rank)[:] = bank.scale.view(n, rank).max(dim=1, keepdim=True).values
-        self.rank = rank
+            w = bank.weight
+            a = torch.empty(capacity * rank, w.shape[1], dtype=w.dtype)
+            b = torch.empty(w.shape[0], capacity * rank, dtype=w.dtype)
+            scale = torch.zeros(capacity * rank, dtype=w.dtype)
+            old = bank.a
+            for slot in range(len(self.slots)):
+                lo, hi = slot * rank, (slot + 1) * rank
+                a[lo:hi], b[:, lo:hi], scale[lo:hi] = 0.0, 0.0, 0.0
+                if old is not None:
+                    olo = slot * old_rank
+                    a[lo:lo + old_rank] = bank.a[olo:olo + old_rank]
+                    b[:, lo:lo + old_rank] = bank.b[:, olo:olo + old_rank]
+                    scale[lo:hi] = bank.scale[olo] if old_rank else 0.0
+            bank.a, bank.b, bank.scale = a, b, scale
+        self.rank, self.capacity = rank, capacity
 
     def remove(self, name: str) -> None:
-        slot = self.slots.index(name)
-        keep = [i for i in range(len(self.slots)) if i != slot]
-        cols = torch.tensor([i * self.rank + j for i in keep for j in range(self.rank)], dtype=torch.long)
-        for bank in self.banks.values():
-            bank.a = bank.a.index_select(0, cols)
-            bank.b = bank.b.index_select(1, cols)
-            bank.scale = bank.scale.index_select(0, cols)
-        self.slots.pop(slot)
+        """Drop an adapter: the last slot moves into its place (the engine thread only)."""
+        slot, last = self.slots.index(name), len(self.slots) - 1
+        r = self.rank
+        if slot != last:
+            for bank in self.banks.values():
+                bank.a[slot * r:(slot + 1) * r] = bank.a[last * r:(last + 1) * r]
+                bank.b[:, slot * r:(slot + 1) * r] = bank.b[:, last * r:(last + 1) * r]
+                bank.scale[slot * r:(slot + 1) * r] = bank.scale[last * r:(last + 1) * r]
+            self.slots[slot] = self.slots[last]
+        self.slots.pop()
         self.param_bytes.pop(name, None)
         if self.folded == name:
             self.unfold()
-            self._folded_weights = {}
-            self.folded = None
+            self._folded_weights, self.folded = {}, None
 
     def slot(self, name: str | None) -> int:
         return self.slots.index(name)
@@ -188,11 +208,20 @@ class LoraBank:
         if distinct == {None} or not self.banks:
             self.unfold()
             self.route = Route("plain")
+            self._solo = (None, 0)
         elif len(distinct) == 1:
-            self.fold(names[0])
-            self.route = Route("folded")
+            name = names[0]
+            n = self._solo[1] + 1 if self._solo[0] == name else 1
+            self._solo = (name, n)
+            if self.folded == name or n >= FOLD_AFTER:
+                self.fold(name)
+                self.route = Route("folded")
+            else:
+                self.unfold()
+                self.route = Route("one", slot=self.slot(name))
         else:
             self.unfold()
+            self._solo = (None, 0)
             idx = torch.tensor([self.slot(n) for n in names])  # (B,)
             onehot = torch.zeros(len(names), len(self.slots), self.rank)
             onehot[torch.arange(len(names)), idx] = 1.0
@@ -235,7 +264,8 @@ def _banked_forward(layer: nn.Linear, bank: _Bank, owner: LoraBank):
             if scale != 0:
                 out = out + (x @ bank.a[lo:hi].t()) @ bank.b[:, lo:hi].t() * scale
         elif route.kind == "mixed":
-            h = (x @ bank.a.t()) * (route.onehot * bank.scale)  # (B, T, S*r): each row's own slot only
-            out = out + h @ bank.b.t()  # (B, T, out)
+            used = owner.used
+            h = (x @ bank.a[:used].t()) * (route.onehot * bank.scale[:used])  # (B, T, S*r): each row's own slot
+            out = out + h @ bank.b[:, :used].t()  # (B, T, out)
         return out
     return forward

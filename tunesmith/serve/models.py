@@ -54,6 +54,19 @@ class EncoderGroup:
     aset: AdapterSet | None = None
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap pages (the adapter file just read, now copied into the bank) in the
+    process; give them back so a long-running server's memory is what it holds."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def parse_spec(spec: str) -> tuple[str | None, str]:
     """'name=path' -> (name, path); 'path' -> (None, path)."""
     if "=" in spec and not Path(spec).exists():
@@ -233,6 +246,7 @@ class Registry:
         self._unique(served.id)
         self.gen.bank.attach(served.id, weights)
         self.models[served.id] = served
+        _release_freed_memory()
         return served
 
     def remove_adapter(self, name: str) -> None:

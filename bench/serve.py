@@ -1,0 +1,266 @@
+"""`tunesmith serve` against the simple way of serving many adapters, in the same run, on SmolLM2.
+
+Run: .venv/bin/python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 8] [--precision fp32]
+
+Adapters: peft LoRA r 16 / alpha 32 on all linear layers of SmolLM2-135M-Instruct (the shapes of
+configs/sft-identity-lora.yaml's adapter), made here with random B matrices (std 0.01) instead of
+trained: every figure below is speed, and an adapter's cost does not depend on its values.
+Every request is greedy with the same `max_tokens`, so both sides generate the same tokens (the
+bench checks that their replies are identical).
+
+1. baseline: one request at a time on a peft model holding 4 adapters, `set_adapter` per request,
+   `model.generate` (the way a script or a simple Flask wrapper serves them).
+2. tunesmith serve (a real server process, the official `openai` client, streaming): 8 concurrent
+   clients over 4 adapters; then over 8 distinct adapters; then all on one adapter (served folded);
+   then on the bare base.
+3. Hot loads: memory per extra adapter (server RSS before/after loading, against its parameter
+   bytes) and the time from the load call to the first streamed token on the new adapter.
+Ratios are printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BASE = "builtin:SmolLM2-135M-Instruct"
+QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a haiku about rain.",
+             "Explain what a LoRA adapter is in two sentences.", "Name three colours.",
+             "What is 12 times 7?", "Give me a tip for learning Python.", "Why is the sky blue?"]
+
+
+def make_adapters(base_path: str, out: Path, n: int) -> list[Path]:
+    """n LoRA adapters in peft's format (out/ad0 ... out/ad{n-1}), random B so each one matters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(100)
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), cfg, adapter_name="ad0")
+    for i in range(1, n):
+        model.add_adapter(f"ad{i}", cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.save_pretrained(str(out))  # adapters not named "default" go to out/<name>/
+    return [out / f"ad{i}" for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summary(name: str, tokens: int, wall: float, lat: list[float], ttft: list[float]) -> dict:
+    row = {"side": name, "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+           "latency_p50_s": round(pct(lat, 0.5), 3), "latency_p95_s": round(pct(lat, 0.95), 3),
+           "ttft_p50_s": round(pct(ttft, 0.5), 3), "ttft_p95_s": round(pct(ttft, 0.95), 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def baseline(base_path: str, adapters: list[Path], jobs: list[tuple[int, str]], max_tokens: int) -> tuple[dict, dict]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(adapters[0]),
+                                      adapter_name="a0")
+    for i, p in enumerate(adapters[1:4], 1):
+        model.load_adapter(str(p), adapter_name=f"a{i}")
+    model.eval()
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # the first call is the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def one(adapter: int, q: str):
+        t0 = time.perf_counter()
+        model.set_adapter(f"a{adapter}")
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        streamer = FirstToken()
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, streamer=streamer,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return tok.decode(new, skip_special_tokens=True), len(new), time.perf_counter() - t0, streamer.first - t0
+
+    one(0, "warm up")
+    lat, ttft, tokens, replies = [], [], 0, {}
+    t0 = time.perf_counter()
+    for k, (adapter, q) in enumerate(jobs):
+        text, n, dt, first = one(adapter, q)
+        lat.append(dt)
+        ttft.append(first)
+        tokens += n
+        replies[k] = text
+    return summary("baseline: peft set_adapter, one request at a time (4 adapters)", tokens, time.perf_counter() - t0,
+                   lat, ttft), replies
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _post(url: str, body: dict) -> str:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode()
+
+
+async def drive(url: str, name: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int) -> tuple[dict, dict]:
+    """`clients` concurrent streaming clients working through `jobs` (model id, question)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    todo = list(enumerate(jobs))
+    lat, ttft, replies, usage = [], [], {}, [0]
+
+    async def worker():
+        while todo:
+            k, (model, q) = todo.pop(0)
+            t0 = time.perf_counter()
+            first, parts = None, []
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0,
+                stream=True, stream_options={"include_usage": True})
+            async for ch in stream:
+                if ch.choices and ch.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    parts.append(ch.choices[0].delta.content)
+                if ch.usage:
+                    usage[0] += ch.usage.completion_tokens
+            lat.append(time.perf_counter() - t0)
+            ttft.append((first or time.perf_counter()) - t0)
+            replies[k] = "".join(parts)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return summary(name, usage[0], wall, lat, ttft), replies
+
+
+async def hot_loads(url: str, adapters: list[Path], pid: int, max_tokens: int) -> dict:
+    """Load each adapter, then stream one token from it: load-call-to-first-token, and RSS growth."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    times, rss0 = [], _rss_kb(pid)
+    for i, p in enumerate(adapters):
+        t0 = time.perf_counter()
+        await asyncio.to_thread(_post, url + "/v1/load_lora_adapter", {"lora_name": f"hot{i}", "lora_path": str(p)})
+        stream = await client.chat.completions.create(model=f"hot{i}", messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=2, temperature=0, stream=True)
+        async for ch in stream:
+            if ch.choices and ch.choices[0].delta.content is not None and ch.choices[0].delta.role is None:
+                times.append(time.perf_counter() - t0)
+                break
+        async for _ in stream:
+            pass
+    await client.close()
+    rss1 = _rss_kb(pid)
+    from safetensors.torch import load_file
+
+    param_bytes = sum(t.nbytes for t in load_file(str(adapters[0] / "adapter_model.safetensors")).values())
+    per = (rss1 - rss0) * 1024 / len(adapters)
+    row = {"hot_loads": len(adapters), "load_to_first_token_p50_ms": round(pct(times, 0.5) * 1e3, 1),
+           "load_to_first_token_p95_ms": round(pct(times, 0.95) * 1e3, 1),
+           "rss_per_extra_adapter_mb": round(per / 2 ** 20, 2), "adapter_param_mb": round(param_bytes / 2 ** 20, 2),
+           "memory_per_adapter_over_params": round(per / param_bytes, 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--hot", type=int, default=6, help="adapters hot-loaded for the load and memory figures")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tunesmith.models.load import resolve_model_path
+
+    base_path = resolve_model_path(BASE)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    t0 = time.perf_counter()
+    adapters = make_adapters(base_path, tmp, 8 + args.hot)
+    print(f"made {len(adapters)} adapters in {time.perf_counter() - t0:.1f}s under {tmp}", flush=True)
+    questions = [QUESTIONS[k % len(QUESTIONS)] for k in range(args.requests)]
+    four = [(k % 4, q) for k, q in enumerate(questions)]
+
+    if args.precision == "bf16":
+        print("note: the baseline runs in fp32; use --precision fp32 for a like-for-like comparison")
+    base_row, base_replies = baseline(base_path, adapters, four, args.max_tokens)
+
+    port = 8700 + os.getpid() % 200
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "tunesmith.cli", "serve", f"base={base_path}",
+           *[f"a{i}={p}" for i, p in enumerate(adapters[:8])], "--port", str(port), "--precision", args.precision]
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit((tmp / "server.log").read_text())
+                time.sleep(0.5)
+        asyncio.run(drive(url, "warm-up", [(f"a{i % 8}", "Hi") for i in range(8)], args.clients, 4))
+        rows = {}
+        rows["4"], replies = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 4 adapters",
+                                               [(f"a{a}", q) for a, q in four], args.clients, args.max_tokens))
+        same = sum(replies[k] == base_replies[k] for k in replies)
+        print(f"replies identical to the baseline's: {same}/{len(replies)}", flush=True)
+        rows["8"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 8 adapters",
+                                         [(f"a{k % 8}", q) for k, q in enumerate(questions)], args.clients,
+                                         args.max_tokens))
+        rows["1"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 1 adapter (folded)",
+                                         [("a0", q) for q in questions], args.clients, args.max_tokens))
+        rows["base"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, bare base",
+                                            [("base", q) for q in questions], args.clients, args.max_tokens))
+        hot = asyncio.run(hot_loads(url, adapters[8:], proc.pid, args.max_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    tps = {k: r["tokens_per_s"] for k, r in rows.items()}
+    print("\nratios (targets in brackets):")
+    print(f"  tunesmith serve 8 clients / 4 adapters vs baseline tokens/s: {tps['4'] / base_row['tokens_per_s']:.2f}x  [>= 3x]")
+    print(f"  8 distinct adapters vs one adapter, tokens/s:                {tps['8'] / tps['1']:.2f}x  [>= 0.8x]")
+    print(f"  one adapter (folded) vs bare base, tokens/s:                 {tps['1'] / tps['base']:.2f}x  [>= 0.85x]")
+    print(f"  memory per extra adapter / its parameter bytes:              {hot['memory_per_adapter_over_params']:.2f}x  [<= 1.2x]")
+    print(f"  load call to first token, p95:                               {hot['load_to_first_token_p95_ms']:.0f} ms  [< 250 ms]")
+
+
+if __name__ == "__main__":
+    main()
