@@ -205,8 +205,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--hot", type=int, default=6, help="adapters hot-loaded for the load and memory figures")
+    ap.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's choice)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server process
     from tunesmith.models.load import resolve_model_path
 
     base_path = resolve_model_path(BASE)
@@ -236,19 +240,18 @@ def main() -> None:
                 if proc.poll() is not None:
                     raise SystemExit((tmp / "server.log").read_text())
                 time.sleep(0.5)
-        asyncio.run(drive(url, "warm-up", [(f"a{i % 8}", "Hi") for i in range(8)], args.clients, 4))
+        loads = {"4": [(f"a{a}", q) for a, q in four], "8": [(f"a{k % 8}", q) for k, q in enumerate(questions)],
+                 "1": [("a0", q) for q in questions], "base": [("base", q) for q in questions]}
+        names = {"4": "4 adapters", "8": "8 adapters", "1": "1 adapter (folded)", "base": "bare base"}
         rows = {}
-        rows["4"], replies = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 4 adapters",
-                                               [(f"a{a}", q) for a, q in four], args.clients, args.max_tokens))
-        same = sum(replies[k] == base_replies[k] for k in replies)
-        print(f"replies identical to the baseline's: {same}/{len(replies)}", flush=True)
-        rows["8"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 8 adapters",
-                                         [(f"a{k % 8}", q) for k, q in enumerate(questions)], args.clients,
-                                         args.max_tokens))
-        rows["1"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, 1 adapter (folded)",
-                                         [("a0", q) for q in questions], args.clients, args.max_tokens))
-        rows["base"], _ = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, bare base",
-                                            [("base", q) for q in questions], args.clients, args.max_tokens))
+        for key, jobs in loads.items():
+            # one short wave of the same mix first: steady state (a lone adapter is folded by then)
+            asyncio.run(drive(url, f"  warm-up, {names[key]}", jobs[: args.clients], args.clients, 12))
+            rows[key], replies = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, {names[key]}",
+                                                   jobs, args.clients, args.max_tokens))
+            if key == "4":
+                same = sum(replies[k] == base_replies[k] for k in replies)
+                print(f"replies identical to the baseline's: {same}/{len(replies)}", flush=True)
         hot = asyncio.run(hot_loads(url, adapters[8:], proc.pid, args.max_tokens))
     finally:
         proc.terminate()

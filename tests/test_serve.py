@@ -327,3 +327,20 @@ def test_metrics_per_adapter_and_key(server, client):
                  'tunesmith_prompt_tokens_total{api_key'):
         assert name in text, name
     assert "tunesmith_adapters_loaded 2.0" in text
+
+
+def test_engine_vllm_prints_the_vllm_command(runs, tiny_llama, capsys):
+    import importlib.util
+
+    from tunesmith.cli import run
+    from tunesmith.serve.vllm import vllm_command
+
+    cmd = vllm_command([f"A={runs['A']}", runs["B"]], port=9000, api_keys=["k"])
+    assert cmd[:3] == ["vllm", "serve", str(tiny_llama)] and "--enable-lora" in cmd
+    mods = cmd[cmd.index("--lora-modules") + 1: cmd.index("--api-key")]
+    assert mods == [f"A={runs['A']}/adapter", f"B={runs['B']}/adapter"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and cmd[cmd.index("--port") + 1] == "9000"
+    if importlib.util.find_spec("vllm") is None:
+        assert run(["serve", "--engine", "vllm", runs["A"]]) == 1
+        out = capsys.readouterr()
+        assert out.out.startswith("vllm serve ") and "pip install vllm" in out.err
