@@ -4,6 +4,7 @@ LoRA adapters (of different ranks) and the base in one forward pass. fp32: greed
 identical to the request's reply alone (tunesmith.evaluate.generate on the peft model)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 from tests.conftest import make_tokenizer
 
+# TUNESMITH_TEST_DEVICE=cuda runs the same checks on a GPU (engine and reference both there).
+DEVICE = os.environ.get("TUNESMITH_TEST_DEVICE", "cpu")
 PROMPTS = ["good movie was", "hello world it is the story of a film and the plot",
            "one two three four five six seven eight nine ten alpha beta gamma delta", "the"]
 
@@ -41,13 +44,14 @@ def _reference(base_path: Path, adapters: dict, tok, ids: list[list[int]], max_n
 
     from tunesmith.evaluate import generate
 
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=DEVICE == "cpu")
     model = None
     for name, path in adapters.items():
         if model is None:
             model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_path), str(path), adapter_name=name)
         else:
             model.load_adapter(str(path), adapter_name=name)
+    model.to(acc.device)
     want = {}
     for name in [None, *adapters]:
         for j, p in enumerate(ids):
@@ -71,7 +75,7 @@ def test_batched_mixed_adapters_equal_each_request_alone(setup):
     want = _reference(base_path, adapters, tok, ids, 20)
     assert len({w for w in want.values()}) >= 6  # adapters really change the replies
 
-    gen = GenModel(LlamaForCausalLM.from_pretrained(base_path), None, {tok.eos_token_id}, 256)
+    gen = GenModel(LlamaForCausalLM.from_pretrained(base_path).to(DEVICE), None, {tok.eos_token_id}, 256)
     for name, path in adapters.items():
         gen.bank.add(name, path)
     engine = Engine(gen)
@@ -139,8 +143,8 @@ def test_bank_grows_past_capacity_and_removes_in_place(setup, monkeypatch):
 
     base_path, adapters = setup
     monkeypatch.setattr(lora_bank, "INITIAL_SLOTS", 2)
-    bank = lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval())
-    ids = torch.tensor([[5, 6, 7, 8]] * 4)
+    bank = lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval().to(DEVICE))
+    ids = torch.tensor([[5, 6, 7, 8]] * 4, device=DEVICE)
 
     def logits(names):
         bank.use(names)

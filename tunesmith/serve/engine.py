@@ -93,6 +93,7 @@ class GenModel:
 
     def __init__(self, model: torch.nn.Module, autocast, eos: set[int], max_len: int) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.bank = LoraBank(model)
         self.autocast = autocast or nullcontext
         self.eos = eos
@@ -103,7 +104,7 @@ class GenModel:
         with self.autocast():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()  # (B, V)
+        return out.logits[:, -1].float().cpu()  # (B, V); sampled on the CPU with each request's generator
 
 
 def _logprobs(logp: torch.Tensor, token: int, tok, top: int) -> dict:
@@ -240,9 +241,10 @@ class Engine:
             bank.route = Route("one", slot=bank.slot(req.adapter))
         else:
             bank.use([req.adapter])
-        ids = torch.tensor([req.prompt_ids])  # (1, T)
+        ids = torch.tensor([req.prompt_ids], device=gen.device)  # (1, T)
         cache = DynamicCache(config=gen.model.config)
-        logits = gen.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1]).unsqueeze(0), cache)[0]
+        pos = torch.arange(ids.shape[1], device=gen.device).unsqueeze(0)
+        logits = gen.forward(ids, torch.ones_like(ids), pos, cache)[0]
         seqs = []
         for i in range(req.params.n):
             seq = Seq(req, i, gen.eos)
@@ -265,7 +267,7 @@ class Engine:
     def _join(self, seqs: list[tuple[Seq, int]], cache, length: int) -> None:
         n = len(seqs)
         kv = [(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)) for layer in cache.layers]
-        mask = torch.ones(n, length, dtype=torch.long)
+        mask = torch.ones(n, length, dtype=torch.long, device=self.gen.device)
         if not self.rows:
             self.cache, self.mask = cache, mask
             for layer, (k, v) in zip(cache.layers, kv):
@@ -278,8 +280,10 @@ class Engine:
                 layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_old, 0)), F.pad(v, (0, 0, pad_new, 0))])
             self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
         self.rows += [s for s, _ in seqs]
-        self.pos = torch.cat([self.pos, torch.full((n,), length, dtype=torch.long)])
-        self.next_tok = torch.cat([self.next_tok, torch.tensor([t for _, t in seqs], dtype=torch.long)])
+        dev = self.gen.device
+        self.pos = torch.cat([self.pos.to(dev), torch.full((n,), length, dtype=torch.long, device=dev)])
+        self.next_tok = torch.cat([self.next_tok.to(dev), torch.tensor([t for _, t in seqs], dtype=torch.long,
+                                                                          device=dev)])
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -287,7 +291,7 @@ class Engine:
         gen = self.gen
         gen.bank.use([s.req.adapter for s in self.rows])
         b = len(self.rows)
-        self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long, device=self.mask.device)], dim=1)
         logits = gen.forward(self.next_tok.view(b, 1), self.mask, self.pos.view(b, 1), self.cache)  # (B, V)
         self.pos += 1
         logp = F.log_softmax(logits, -1) if any(s.req.params.logprobs for s in self.rows) else None
@@ -311,7 +315,7 @@ class Engine:
         if not keep:
             self._reset()
             return
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         first = int((mask.sum(0) > 0).nonzero()[0])  # columns before this are padding in every row
         for layer in self.cache.layers:

@@ -158,8 +158,8 @@ class LoraBank:
         bank.scale[lo:hi] = 0.0
         if w is not None:  # zero rows of A / columns of B past its rank add exact zeros
             a, b, s = w
-            bank.a[lo:lo + a.shape[0]] = a.to(bank.a.dtype)
-            bank.b[:, lo:lo + b.shape[1]] = b.to(bank.b.dtype)
+            bank.a[lo:lo + a.shape[0]] = a.to(bank.a.device, bank.a.dtype)
+            bank.b[:, lo:lo + b.shape[1]] = b.to(bank.b.device, bank.b.dtype)
             bank.scale[lo:hi] = s
 
     def _layout(self, rank: int, capacity: int) -> None:
@@ -167,9 +167,9 @@ class LoraBank:
         old_rank = self.rank
         for bank in self.banks.values():
             w = bank.weight
-            a = torch.empty(capacity * rank, w.shape[1], dtype=w.dtype)
-            b = torch.empty(w.shape[0], capacity * rank, dtype=w.dtype)
-            scale = torch.zeros(capacity * rank, dtype=w.dtype)
+            a = torch.empty(capacity * rank, w.shape[1], dtype=w.dtype, device=w.device)
+            b = torch.empty(w.shape[0], capacity * rank, dtype=w.dtype, device=w.device)
+            scale = torch.zeros(capacity * rank, dtype=w.dtype, device=w.device)
             old = bank.a
             for slot in range(len(self.slots)):
                 lo, hi = slot * rank, (slot + 1) * rank
@@ -225,8 +225,8 @@ class LoraBank:
             idx = torch.tensor([self.slot(n) for n in names])  # (B,)
             onehot = torch.zeros(len(names), len(self.slots), self.rank)
             onehot[torch.arange(len(names)), idx] = 1.0
-            dtype = next(iter(self.banks.values())).a.dtype
-            self.route = Route("mixed", onehot=onehot.view(len(names), 1, -1).to(dtype))  # (B, 1, S*r)
+            a = next(iter(self.banks.values())).a
+            self.route = Route("mixed", onehot=onehot.view(len(names), 1, -1).to(a.device, a.dtype))  # (B, 1, S*r)
 
     def fold(self, name: str) -> None:
         """Serve adapter `name` alone: W + s B A in a copy of each adapted weight (kept for reuse)."""
