@@ -167,31 +167,41 @@ async def drive(url: str, name: str, jobs: list[tuple[str, str]], clients: int, 
     return summary(name, usage[0], wall, lat, ttft), replies
 
 
-async def hot_loads(url: str, adapters: list[Path], pid: int, max_tokens: int) -> dict:
-    """Load each adapter, then stream one token from it: load-call-to-first-token, and RSS growth."""
+async def hot_loads(url: str, adapters: list[Path], pid: int) -> dict:
+    """Load each adapter, then stream the first token from it: load-call-to-first-token; resident memory
+    growth per adapter (RSS after each load; the first load is the reference: the server hands freed
+    heap back to the OS after every load, so earlier garbage does not count for or against it); and
+    the first token of a request on an adapter already loaded, for comparison."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    times, rss0 = [], _rss_kb(pid)
+
+    async def first_token(model: str) -> float:
+        t0 = time.perf_counter()
+        stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=2, temperature=0, stream=True)
+        dt = None
+        async for ch in stream:
+            if dt is None and ch.choices and ch.choices[0].delta.content:
+                dt = time.perf_counter() - t0
+        return dt if dt is not None else time.perf_counter() - t0
+
+    times, loaded, rss = [], [], []
     for i, p in enumerate(adapters):
         t0 = time.perf_counter()
         await asyncio.to_thread(_post, url + "/v1/load_lora_adapter", {"lora_name": f"hot{i}", "lora_path": str(p)})
-        stream = await client.chat.completions.create(model=f"hot{i}", messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=2, temperature=0, stream=True)
-        async for ch in stream:
-            if ch.choices and ch.choices[0].delta.content is not None and ch.choices[0].delta.role is None:
-                times.append(time.perf_counter() - t0)
-                break
-        async for _ in stream:
-            pass
+        loaded_at = time.perf_counter() - t0
+        times.append(loaded_at + await first_token(f"hot{i}"))  # load call -> its first streamed token
+        rss.append(_rss_kb(pid))
+        loaded.append(await first_token(f"hot{i}"))
     await client.close()
-    rss1 = _rss_kb(pid)
     from safetensors.torch import load_file
 
     param_bytes = sum(t.nbytes for t in load_file(str(adapters[0] / "adapter_model.safetensors")).values())
-    per = (rss1 - rss0) * 1024 / len(adapters)
+    per = (rss[-1] - rss[0]) * 1024 / max(len(adapters) - 1, 1)
     row = {"hot_loads": len(adapters), "load_to_first_token_p50_ms": round(pct(times, 0.5) * 1e3, 1),
            "load_to_first_token_p95_ms": round(pct(times, 0.95) * 1e3, 1),
+           "first_token_already_loaded_p50_ms": round(pct(loaded, 0.5) * 1e3, 1),
            "rss_per_extra_adapter_mb": round(per / 2 ** 20, 2), "adapter_param_mb": round(param_bytes / 2 ** 20, 2),
            "memory_per_adapter_over_params": round(per / param_bytes, 2)}
     print(json.dumps(row), flush=True)
@@ -252,7 +262,7 @@ def main() -> None:
             if key == "4":
                 same = sum(replies[k] == base_replies[k] for k in replies)
                 print(f"replies identical to the baseline's: {same}/{len(replies)}", flush=True)
-        hot = asyncio.run(hot_loads(url, adapters[8:], proc.pid, args.max_tokens))
+        hot = asyncio.run(hot_loads(url, adapters[8:], proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -262,7 +272,8 @@ def main() -> None:
     print(f"  8 distinct adapters vs one adapter, tokens/s:                {tps['8'] / tps['1']:.2f}x  [>= 0.8x]")
     print(f"  one adapter (folded) vs bare base, tokens/s:                 {tps['1'] / tps['base']:.2f}x  [>= 0.85x]")
     print(f"  memory per extra adapter / its parameter bytes:              {hot['memory_per_adapter_over_params']:.2f}x  [<= 1.2x]")
-    print(f"  load call to first token, p95:                               {hot['load_to_first_token_p95_ms']:.0f} ms  [< 250 ms]")
+    print(f"  load call to first token, p95:                               {hot['load_to_first_token_p95_ms']:.0f} ms  [< 250 ms]"
+          f"  (first token on a loaded adapter, p50: {hot['first_token_already_loaded_p50_ms']:.0f} ms)")
 
 
 if __name__ == "__main__":

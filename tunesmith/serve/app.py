@@ -61,14 +61,20 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise _validation_error(e) from None
 
 
+ROUTES = [("GET", "/health", "health"), ("GET", "/metrics", "prom"), ("GET", "/v1/models", "models"),
+          ("POST", "/v1/chat/completions", "chat_completions"), ("POST", "/v1/completions", "completions"),
+          ("POST", "/v1/embeddings", "embeddings"), ("POST", "/classify", "classify"), ("POST", "/score", "score"),
+          ("POST", "/v1/load_lora_adapter", "load_lora"), ("POST", "/v1/unload_lora_adapter", "unload_lora")]
+
+
 def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The server's app over a loaded registry (its engine already running)."""
+    """The server's app over a loaded registry (its engine already running): routes, errors, auth."""
     app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None)
     app.state.registry = registry
-    metrics = metrics or Metrics()
-    keys = set(api_keys or [])
-    engine = registry.engine
-    metrics.adapters.set(len(registry.gen.bank.slots) - 1 if registry.gen else 0)
+    api = Api(registry, set(api_keys or []), metrics or Metrics())
+    keys, metrics = api.keys, api.metrics
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, getattr(api, endpoint), methods=[method])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -104,11 +110,22 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                 metrics.latency.labels(path, request.state.model).observe(time.perf_counter() - t0)
         return response
 
-    def lookup(request: Request, model_id: str, endpoint: str) -> Served:
-        served = registry.models.get(model_id)
+    return app
+
+
+class Api:
+    """The endpoints (one method each, registered in ROUTES) over a registry, its engine and metrics."""
+
+    def __init__(self, registry: Registry, keys: set[str], metrics: Metrics) -> None:
+        self.registry, self.keys, self.metrics = registry, keys, metrics
+        self.engine = registry.engine
+        metrics.adapters.set(len(registry.gen.bank.slots) - 1 if registry.gen else 0)
+
+    def lookup(self, request: Request, model_id: str, endpoint: str) -> Served:
+        served = self.registry.models.get(model_id)
         if served is None or served.unloading:
             raise ApiError(404, f"The model '{model_id}' does not exist" + (" (it is being unloaded)" if served else "")
-                           + f"; served: {', '.join(sorted(m for m in registry.models)) or 'none'}",
+                           + f"; served: {', '.join(sorted(m for m in self.registry.models)) or 'none'}",
                            param="model", code="model_not_found")
         request.state.model = model_id
         if endpoint not in served.serves:
@@ -116,27 +133,24 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                            f"{', '.join(sorted(served.serves))}", param="model", code="unsupported_endpoint")
         return served
 
-    # ---- models, health, metrics --------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        if not engine.thread.is_alive():
-            return _error(503, "the engine thread has stopped", "server_error")
+    # ---- models, health, self.metrics --------------------------------------------------------------
+    async def health(self):
+        if not self.engine.thread.is_alive():
+            return _error(503, "the self.engine thread has stopped", "server_error")
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def prom():
+    async def prom(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models():
+    async def models(self):
         cards = [P.ModelCard(id=s.id, created=s.created, root=s.root, parent=s.parent, serves=sorted(s.serves))
-                 for s in registry.models.values() if not s.unloading]
+                 for s in self.registry.models.values() if not s.unloading]
         return P.ModelList(data=cards).model_dump(exclude_none=True)
 
     # ---- generation ---------------------------------------------------------------------------
-    def params_of(req: P.ChatCompletionRequest | P.CompletionRequest, served: Served, n_prompt: int,
+    def params_of(self, req: P.ChatCompletionRequest | P.CompletionRequest, served: Served, n_prompt: int,
                   max_tokens: int | None, logprobs: bool, top: int) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
@@ -147,9 +161,10 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
         stops = req.stops()
         if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
             raise ApiError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_value")
-        room = registry.gen.max_len - n_prompt
+        max_len = self.registry.gen.max_len
+        room = max_len - n_prompt
         if room < 1 or (max_tokens is not None and max_tokens > room):
-            raise ApiError(400, f"This model's maximum context length is {registry.gen.max_len} tokens. However, you "
+            raise ApiError(400, f"This model's maximum context length is {max_len} tokens. However, you "
                            f"requested {n_prompt + (max_tokens or 1)} tokens ({n_prompt} in the prompt, "
                            f"{max_tokens or 1} for the completion).", param="max_tokens" if room >= 1 else "messages",
                            code="context_length_exceeded")
@@ -159,7 +174,7 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                               top_p=req.top_p, seed=req.seed, stop=stops, n=req.n, logprobs=logprobs,
                               top_logprobs=top)
 
-    def chat_ids(served: Served, req: P.ChatCompletionRequest) -> list[int]:
+    def chat_ids(self, served: Served, req: P.ChatCompletionRequest) -> list[int]:
         tok = served.tokenizer
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content):
@@ -180,7 +195,7 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             raise ApiError(400, "this model has no chat template; send at least one user message", param="messages")
         return tok(render_prompt(users[-1], served.data, tok, False))["input_ids"]
 
-    def completion_prompts(served: Served, req: P.CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, served: Served, req: P.CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
             vocab = len(served.tokenizer)
@@ -196,9 +211,9 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             raise ApiError(400, "the prompt is empty", param="prompt")
         return prompts
 
-    async def run_requests(served: Served, prompts: list[list[int]], params: SamplingParams,
+    async def run_requests(self, served: Served, prompts: list[list[int]], params: SamplingParams,
                            reqs: list[GenRequest]) -> AsyncIterator[tuple[int, dict]]:
-        """Submit one engine request per prompt; yield (prompt index, event) until all are done."""
+        """Submit one self.engine request per prompt; yield (prompt index, event) until all are done."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for i, ids in enumerate(prompts):
@@ -207,7 +222,7 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                                    lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
                                    generator=gen))
         for r in reqs:
-            engine.submit(r)
+            self.engine.submit(r)
         pending = len(reqs)
         while pending:
             i, ev = await events.get()
@@ -217,14 +232,15 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                 pending -= 1
             yield i, ev
 
-    def observe(request: Request, served: Served, t0: float, n_prompt: int, n_gen: int, first: float | None) -> None:
-        metrics.prompt_tokens.labels(served.id, request.state.key).inc(n_prompt)
-        metrics.generated_tokens.labels(served.id, request.state.key).inc(n_gen)
+    def observe(self, request: Request, served: Served, t0: float, n_prompt: int, n_gen: int,
+                first: float | None) -> None:
+        self.metrics.prompt_tokens.labels(served.id, request.state.key).inc(n_prompt)
+        self.metrics.generated_tokens.labels(served.id, request.state.key).inc(n_gen)
         if first is not None:
-            metrics.ttft.labels(served.id).observe(first - t0)
+            self.metrics.ttft.labels(served.id).observe(first - t0)
 
-    async def generate(request: Request, served: Served, prompts: list[list[int]], params: SamplingParams, chat: bool,
-                       stream: bool, include_usage: bool):
+    async def generate(self, request: Request, served: Served, prompts: list[list[int]], params: SamplingParams,
+                       chat: bool, stream: bool, include_usage: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         t0 = time.perf_counter()
@@ -232,15 +248,15 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
         n_prompt = sum(len(p) for p in prompts)
         reqs: list[GenRequest] = []
         if stream:
-            return StreamingResponse(_stream(request, served, prompts, params, chat, include_usage, rid, created, t0,
-                                             n_prompt, reqs), media_type="text/event-stream")
+            events = self._stream(request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs)
+            return StreamingResponse(events, media_type="text/event-stream")
         texts: dict[int, str] = {}
         finish: dict[int, str] = {}
         lps: dict[int, list] = {}
         n_gen: dict[int, int] = {}
         first = None
         try:
-            async for i, ev in run_requests(served, prompts, params, reqs):
+            async for i, ev in self.run_requests(served, prompts, params, reqs):
                 if ev["type"] != "token":
                     continue
                 first = first or time.perf_counter()
@@ -255,23 +271,23 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             for r in reqs:
                 r.cancelled = True  # no-op once finished; stops the work if the client went away
         total = sum(n_gen.values())
-        observe(request, served, t0, n_prompt, total, first)
+        self.observe(request, served, t0, n_prompt, total, first)
         usage = P.Usage(prompt_tokens=n_prompt, completion_tokens=total, total_tokens=n_prompt + total)
-        keys = range(len(prompts) * n)
+        choice_ids = range(len(prompts) * n)
         if chat:
             choices = [P.ChatChoice(index=k, message=P.AssistantMessage(content=texts.get(k, "")),
                                     finish_reason=finish.get(k, "length"),
                                     logprobs=P.ChoiceLogprobs(content=lps.get(k, [])) if params.logprobs else None)
-                       for k in keys]
+                       for k in choice_ids]
             body = P.ChatCompletion(id=rid, created=created, model=served.id, choices=choices, usage=usage)
         else:
             choices = [P.CompletionChoice(index=k, text=texts.get(k, ""), finish_reason=finish.get(k, "length"),
                                           logprobs=_completion_logprobs(lps.get(k, []), params) if params.logprobs
-                                          else None) for k in keys]
+                                          else None) for k in choice_ids]
             body = P.Completion(id=rid, created=created, model=served.id, choices=choices, usage=usage)
         return body.model_dump(exclude_none=True)
 
-    async def _stream(request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs):
+    async def _stream(self, request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs):
         n = params.n
         chunk_type = P.ChatCompletionChunk if chat else P.Completion
         n_gen: dict[int, int] = {}
@@ -286,7 +302,7 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             if chat:
                 for k in range(len(prompts) * n):
                     yield sse([P.ChunkChoice(index=k, delta=P.Delta(role="assistant", content=""))])
-            async for i, ev in run_requests(served, prompts, params, reqs):
+            async for i, ev in self.run_requests(served, prompts, params, reqs):
                 if ev["type"] != "token":
                     continue
                 first = first or time.perf_counter()
@@ -307,46 +323,45 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             total = sum(n_gen.values())
             if include_usage:
                 yield sse([], P.Usage(prompt_tokens=n_prompt, completion_tokens=total, total_tokens=n_prompt + total))
-            observe(request, served, t0, n_prompt, total, first)
-            metrics.latency.labels(request.url.path, served.id).observe(time.perf_counter() - t0)
+            self.observe(request, served, t0, n_prompt, total, first)
+            self.metrics.latency.labels(request.url.path, served.id).observe(time.perf_counter() - t0)
         except ApiError as e:  # the status line is sent already: the error goes in the stream
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+            err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+            yield f"data: {json.dumps({'error': err})}\n\n"
         finally:
             for r in reqs:
                 r.cancelled = True
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
         req = await _parse(request, P.ChatCompletionRequest)
-        served = lookup(request, req.model, "chat")
+        served = self.lookup(request, req.model, "chat")
         for name in ("tools", "response_format"):
             value = getattr(req, name)
             if value and not (name == "response_format" and value.get("type") == "text"):
                 raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = chat_ids(served, req)
-        params = params_of(req, served, len(ids), req.max_completion_tokens or req.max_tokens, req.logprobs,
+        ids = self.chat_ids(served, req)
+        params = self.params_of(req, served, len(ids), req.max_completion_tokens or req.max_tokens, req.logprobs,
                            req.top_logprobs or 0)
-        return await generate(request, served, [ids], params, True, req.stream,
+        return await self.generate(request, served, [ids], params, True, req.stream,
                               bool(req.stream_options and req.stream_options.include_usage))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(self, request: Request):
         req = await _parse(request, P.CompletionRequest)
-        served = lookup(request, req.model, "completions")
+        served = self.lookup(request, req.model, "completions")
         for name in ("echo", "suffix"):
             if getattr(req, name):
                 raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-        prompts = completion_prompts(served, req)
-        params = params_of(req, served, max(len(p) for p in prompts), req.max_tokens, req.logprobs is not None,
+        prompts = self.completion_prompts(served, req)
+        params = self.params_of(req, served, max(len(p) for p in prompts), req.max_tokens, req.logprobs is not None,
                            req.logprobs or 0)
-        return await generate(request, served, prompts, params, False, req.stream,
+        return await self.generate(request, served, prompts, params, False, req.stream,
                               bool(req.stream_options and req.stream_options.include_usage))
 
     # ---- encoders -------------------------------------------------------------------------------
-    def encode(served: Served, texts: list[str], truncate: bool) -> dict:
+    def encode(self, served: Served, texts: list[str], truncate: bool) -> dict:
         tok = served.tokenizer
         limit = min(served.data.max_length if truncate else 10 ** 9,
                     getattr(served.encoder.model.config, "max_position_embeddings", 512))
@@ -356,10 +371,10 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
                            code="context_length_exceeded")
         return enc
 
-    async def on_engine(fn):
-        return await asyncio.wrap_future(engine.call(fn))
+    async def on_engine(self, fn):
+        return await asyncio.wrap_future(self.engine.call(fn))
 
-    def texts_of(value: Any, param: str = "input") -> list[str]:
+    def texts_of(self, value: Any, param: str = "input") -> list[str]:
         texts = [value] if isinstance(value, str) else value
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "input: a string or a non-empty list of strings", param=param)
@@ -367,14 +382,13 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             raise ApiError(400, "at most 256 inputs per request", param=param)
         return texts
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
+    async def embeddings(self, request: Request):
         req = await _parse(request, P.EmbeddingRequest)
-        served = lookup(request, req.model, "embeddings")
+        served = self.lookup(request, req.model, "embeddings")
         if req.dimensions is not None:
             raise ApiError(400, "dimensions is not supported by this server", param="dimensions")
-        texts = texts_of(req.input)
-        enc = encode(served, texts, truncate=False)
+        texts = self.texts_of(req.input)
+        enc = self.encode(served, texts, truncate=False)
 
         @torch.no_grad()
         def run():
@@ -389,16 +403,17 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
-        vecs = await on_engine(run)
+        vecs = await self.on_engine(run)
         data = [P.Embedding(index=i, embedding=base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
                             if req.encoding_format == "base64" else v.tolist()) for i, v in enumerate(vecs)]
         n = int(enc["attention_mask"].sum())
-        metrics.prompt_tokens.labels(served.id, request.state.key).inc(n)
-        return P.EmbeddingResponse(data=data, model=served.id, usage=P.Usage(prompt_tokens=n, total_tokens=n)).model_dump()
+        self.metrics.prompt_tokens.labels(served.id, request.state.key).inc(n)
+        usage = P.Usage(prompt_tokens=n, total_tokens=n)
+        return P.EmbeddingResponse(data=data, model=served.id, usage=usage).model_dump()
 
-    async def head_logits(served: Served, texts: list[str]) -> tuple[torch.Tensor, int]:
+    async def head_logits(self, served: Served, texts: list[str]) -> tuple[torch.Tensor, int]:
         served.tokenizer.truncation_side = served.data.truncation_side
-        enc = encode(served, texts, truncate=True)  # truncated as `tunesmith predict` does
+        enc = self.encode(served, texts, truncate=True)  # truncated as `tunesmith predict` does
 
         @torch.no_grad()
         def run():
@@ -408,59 +423,53 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
             with group.acc.autocast():
                 return group.model(**{k: v.to(group.acc.device) for k, v in enc.items()}).logits.float().cpu()
 
-        return await on_engine(run), int(enc["attention_mask"].sum())
+        return await self.on_engine(run), int(enc["attention_mask"].sum())
 
-    @app.post("/classify")
-    async def classify(request: Request):
+    async def classify(self, request: Request):
         req = await _parse(request, P.ClassifyRequest)
-        served = lookup(request, req.model, "classify")
-        logits, n = await head_logits(served, texts_of(req.input))
+        served = self.lookup(request, req.model, "classify")
+        logits, n = await self.head_logits(served, self.texts_of(req.input))
         probs = logits.softmax(-1)
         data = [{"index": i, "label": served.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p),
                  "probabilities": dict(zip(served.labels, p.tolist()))} for i, p in enumerate(probs)]
         return {"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
                 "model": served.id, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
-    @app.post("/score")
-    async def score(request: Request):
+    async def score(self, request: Request):
         req = await _parse(request, P.ClassifyRequest)
-        served = lookup(request, req.model, "score")
-        logits, n = await head_logits(served, texts_of(req.input))
+        served = self.lookup(request, req.model, "score")
+        logits, n = await self.head_logits(served, self.texts_of(req.input))
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(logits)]
         return {"id": "score-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": served.id,
                 "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     # ---- adapters at run time (vLLM's calls) -----------------------------------------------------
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(request: Request):
+    async def load_lora(self, request: Request):
         req = await _parse(request, P.LoadLoraRequest)
-        if req.lora_name in registry.models:
+        if req.lora_name in self.registry.models:
             raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded", param="lora_name")
         try:
-            served, weights = await asyncio.to_thread(registry.read_adapter, req.lora_name, req.lora_path)
-            await on_engine(lambda: registry.attach_adapter(served, weights))
+            served, weights = await asyncio.to_thread(self.registry.read_adapter, req.lora_name, req.lora_path)
+            await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
         except TunesmithError as e:
             raise ApiError(400, str(e), param="lora_path") from None
-        metrics.adapters.set(len(registry.gen.bank.slots) - 1)
+        self.metrics.adapters.set(len(self.registry.gen.bank.slots) - 1)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(request: Request):
+    async def unload_lora(self, request: Request):
         req = await _parse(request, P.UnloadLoraRequest)
-        served = registry.models.get(req.lora_name)
+        served = self.registry.models.get(req.lora_name)
         if served is None or served.unloading:
             raise ApiError(404, f"The lora adapter '{req.lora_name}' cannot be found", param="lora_name",
                            code="model_not_found")
         if served.parent is None:
             raise ApiError(400, f"'{req.lora_name}' is a base model, not a LoRA adapter", param="lora_name")
         served.unloading = True  # new requests get a 404; those in flight finish first
-        while engine.busy.get(served.adapter):
+        while self.engine.busy.get(served.adapter):
             await asyncio.sleep(0.02)
-        await on_engine(lambda: registry.remove_adapter(req.lora_name))
-        metrics.adapters.set(len(registry.gen.bank.slots) - 1)
+        await self.on_engine(lambda: self.registry.remove_adapter(req.lora_name))
+        self.metrics.adapters.set(len(self.registry.gen.bank.slots) - 1)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
-
-    return app
 
 
 def _completion_logprobs(entries: list[dict], params: SamplingParams, offset: int = 0) -> P.CompletionLogprobs:
