@@ -16,10 +16,10 @@ from tunesmith.data import PreparedData, split_examples
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import TokenStats
 from tunesmith.errors import ConfigError
-from tunesmith.tasks import classification, cpt, preference, sft
+from tunesmith.tasks import classification, cpt, preference, regression, sft
 from tunesmith.tasks.base import Endpoint, Predicts, Sums, Task  # noqa: F401 (the seam's types)
 
-_TASKS: dict[str, Task] = {t.name: t for t in (classification.TASK, sft.TASK, cpt.TASK,
+_TASKS: dict[str, Task] = {t.name: t for t in (classification.TASK, sft.TASK, cpt.TASK, regression.TASK,
                                                *preference.TASKS)}
 
 
