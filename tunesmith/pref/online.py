@@ -36,6 +36,8 @@ from tunesmith.pref.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from tunesmith.pref.data import encode_prompt
+from tunesmith.pref.evaluate import evaluate_policy
 from tunesmith.pref.rollout import Rollout, get_scorer, make_reference, make_rollout, policy_forward
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
@@ -113,13 +115,27 @@ def _prompt_batches(n: int, size: int, seed: int, epoch: int) -> list[list[int]]
     return [idx[i: i + size] for i in range(0, n, size)]
 
 
+def _validate(model, tokenizer, data, cfg: RunConfig, acc) -> dict[str, float]:
+    """The policy on the held-out validation prompts: mean reward of one sample each (drawn with a
+    fixed seed, so every evaluation sees the same randomness), KL to the reference, length."""
+    exs = data.splits["validation"].examples
+    prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each prompt once
+    ids = [encode_prompt(q, cfg, tokenizer, data.chat) for q in prompts]
+    return evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)["metrics"]
+
+
 def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on_event=None,
                cancel: threading.Event | None = None, resume_from: Path | None = None):
-    from tunesmith.train.loop import FitResult, make_optimizer
+    """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
+    validation prompts every `eval_every` with keep-best (`checkpoints/best`) and early stopping, a
+    checkpoint at each evaluation and on cancel, and an exact `--resume`."""
+    from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
 
     p, t, grpo = cfg.pref, cfg.train, get_task(cfg.task).online == "group"
     emit = on_event or (lambda e: None)
     feats = data.splits["train"].features
+    val = data.splits.get("validation")
+    metric, greater = cfg.best_metric()
     per_step = p.rollout_prompts
     steps_per_epoch = math.ceil(len(feats) / per_step)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -139,7 +155,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
                               num_warmup_steps=int(t.warmup_ratio * total_steps * updates_per_step),
                               num_training_steps=total_steps * updates_per_step)
     params = [q for q in bundle.parameters() if q.requires_grad]
-    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef}
+    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef,
+            "best_value": None, "best_step": None, "bad_evals": 0}
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:
         ckpt.load_weights(resume_from, bundle)
@@ -147,8 +164,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        prog = state["progress"]
-        from tunesmith.train.loop import _truncate_log
+        prog = {"best_value": None, "best_step": None, "bad_evals": 0} | state["progress"]  # older checkpoints lack them
         _truncate_log(metrics_path, prog["step"])
     moments = RunningMoments(prog["moments"])
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -160,11 +176,11 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
         emit(row)
 
     start = time.perf_counter()
-    tokens = 0
+    tokens, stop = 0, False
     model.train()
-    while prog["step"] < total_steps:
+    while prog["step"] < total_steps and not stop:
         batches = _prompt_batches(len(feats), per_step, t.seed, prog["epoch"])
-        while prog["step"] < total_steps and prog["batch"] < len(batches):
+        while prog["step"] < total_steps and prog["batch"] < len(batches) and not stop:
             chosen = [feats[i] for i in batches[prog["batch"]]]
             reps = p.num_generations if grpo else 1
             prompts = [f["prompt"] for f in chosen for _ in range(reps)]  # a prompt's group is adjacent
@@ -197,7 +213,17 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             step = prog["step"]
             save = (t.eval_every != "epoch" and step % t.eval_every == 0) or step == total_steps or \
                    (t.eval_every == "epoch" and prog["batch"] == 0)
-            if save or (cancel is not None and cancel.is_set()):
+            if save and val is not None:  # keep-best and early stopping on the held-out prompts
+                m = _validate(model, tokenizer, data, cfg, acc)
+                if _improved(m[metric], prog["best_value"], greater):
+                    ckpt.save_checkpoint(run_dir / "checkpoints" / "best", model)
+                    prog.update(best_value=m[metric], best_step=step, bad_evals=0)
+                else:
+                    prog["bad_evals"] += 1
+                stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
+                log({"kind": "eval", "step": step, "epoch": row["epoch"], **m, "early_stop": stop,
+                     "elapsed_s": round(time.perf_counter() - start, 2)})
+            if save or stop or (cancel is not None and cancel.is_set()):
                 prog["moments"] = moments.state()
                 ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", bundle, optimizer, scheduler, dict(prog))
                 ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
@@ -207,8 +233,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     if not grpo:
         torch.save(bundle["value"].state_dict(), run_dir / "value_head.pt")
     plot_rl_curves(metrics_path, run_dir / "rl_curves.png", None if grpo else p.kl_target)
-    return FitResult(steps=prog["step"], best_metric="reward", best_value=None, best_step=None, stopped_early=False,
-                     train_seconds=time.perf_counter() - start, history=history)
+    return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
+                     stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
 
 
 def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = None) -> None:
