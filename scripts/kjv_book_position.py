@@ -7,7 +7,9 @@ prophets to gospels, letters and the apocalypse); it is not computed from the te
 little about it (the script prints the correlation). Books are ordered, so near misses (Mark for
 Luke) cost little and far ones (Leviticus for Hebrews) a lot: what MSE and MAE measure.
 
-    python scripts/kjv_book_position.py [--out data/kjv-book-position.jsonl] [--n 4000]
+    python scripts/kjv_book_position.py [--out data/kjv-book-position.jsonl] [--n 2000]
+    python scripts/kjv_book_position.py --out data/kjv-held-out.jsonl --n 500 --seed 1 \
+        --exclude data/kjv-book-position.jsonl      # other verses, for `tunesmith eval`
 """
 from __future__ import annotations
 
@@ -24,14 +26,19 @@ from tunesmith import assets  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/kjv-book-position.jsonl")
-    ap.add_argument("--n", type=int, default=4000, help="verses sampled at random (seed 0)")
+    ap.add_argument("--n", type=int, default=2000, help="verses sampled at random")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", help="a file this script wrote: leave its verses out (a held-out set)")
     args = ap.parse_args()
     path = Path(assets.data_source("builtin:kjv")["path"])
     verses = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     books = list(dict.fromkeys(v["book"] for v in verses))  # canonical order, as the file lists them
+    if args.exclude:
+        seen = {json.loads(line)["citation"] for line in Path(args.exclude).read_text().splitlines() if line.strip()}
+        verses = [v for v in verses if v["citation"] not in seen]
     assert len(books) == 66, len(books)
     rows = [{"text": v["text"], "label": round(books.index(v["book"]) / (len(books) - 1), 4), "citation": v["citation"]}
-            for v in random.Random(0).sample(verses, args.n)]
+            for v in random.Random(args.seed).sample(verses, args.n)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

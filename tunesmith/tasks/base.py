@@ -55,30 +55,6 @@ class Sums:
             self.targets.append(batch["label"].cpu())
 
 
-def _no_problems(cfg: RunConfig) -> list[str]:
-    return []
-
-
-def _nothing(*args: Any) -> None:
-    return None
-
-
-def _no_report(examples: list, feats: list[dict]) -> dict[str, Any]:
-    return {}
-
-
-def _no_chat(cfg: RunConfig, fmt: str, examples: list, tokenizer) -> bool:
-    return False
-
-
-def _same(feats: list[dict]) -> list[dict]:
-    return feats
-
-
-def _detect(fields: dict[str, Any], cfg: DataConfig) -> str:
-    return detect_format(fields, cfg)
-
-
 @dataclass(frozen=True)
 class Task:
     """Everything the rest of tunesmith asks of a task. See docs/TASKS.md for how to add one."""
@@ -103,15 +79,15 @@ class Task:
     # trains by rollouts (pref/online.py), not in the ordinary loop: "critic" learns a value head
     # (PPO), "group" compares samples of the same prompt (GRPO)
     online: Literal["critic", "group"] | None = None
-    chat: Callable[[RunConfig, str, list[Any], Any], bool] = _no_chat  # prompts through the chat template?
-    detect: Callable[[dict[str, Any], DataConfig], str] = _detect  # the format a record looks like
-    check: Callable[[RunConfig], list[str]] = _no_problems  # the task's own config checks
+    chat: Callable[[RunConfig, str, list[Any], Any], bool] = lambda cfg, fmt, exs, tok: False  # chat template?
+    detect: Callable[[dict[str, Any], DataConfig], str] = detect_format  # the format a record looks like
+    check: Callable[[RunConfig], list[str]] = lambda cfg: []  # the task's own config problems
     # (result, model, tokenizer, data, cfg, acc, split): metrics beyond the objective's (generations, policy reward)
-    evaluate_more: Callable[..., None] = _nothing
+    evaluate_more: Callable[..., None] = lambda *args: None
     # (model, tokenizer, data, cfg, acc, say): once before the first step (DPO/KTO: reference log-probs)
-    before_fit: Callable[..., None] = _nothing
-    probe: Callable[[list[dict]], list[dict]] = _same  # features the pre-training gradient check runs
-    describe: Callable[[list[Any], list[dict]], dict[str, Any]] = _no_report  # `data check` extras
+    before_fit: Callable[..., None] = lambda *args: None
+    probe: Callable[[list[dict]], list[dict]] = lambda feats: feats  # what the pre-training gradient check runs
+    describe: Callable[[list[Any], list[dict]], dict[str, Any]] = lambda exs, feats: {}  # `data check` extras
 
     def prepare(self, cfg: RunConfig, tokenizer) -> PreparedData:
         """The whole data pipeline for a run: read, validate, split, tokenise.
