@@ -30,6 +30,8 @@ def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | di
         if loaded.labels:
             ov["data.labels"] = loaded.labels  # the trained head's classes, in its order
         cfg = load_config(config or str(Path(run_or_model) / "config.yaml"), ov)
+        if cfg.train.precision == "auto":  # the precision the run's own final evaluation used
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": loaded.cfg.train.precision})})
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         ov["model.name_or_path"] = str(run_or_model)

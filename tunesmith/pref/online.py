@@ -185,7 +185,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             reps = p.num_generations if grpo else 1
             prompts = [f["prompt"] for f in chosen for _ in range(reps)]  # a prompt's group is adjacent
             prompt_ids = [f["prompt_ids"] for f in chosen for _ in range(reps)]
-            ro = make_rollout(model, reference, tokenizer, prompts, prompt_ids, scorer, cfg, acc.device,
+            ro = make_rollout(model, reference, tokenizer, prompts, prompt_ids, scorer, cfg, acc,
                               None if grpo else bundle["value"])
             raw = ro.scores.clone()
             if not grpo and p.normalize_reward:

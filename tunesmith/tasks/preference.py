@@ -84,8 +84,11 @@ def _policy_metrics(result: dict, model, tokenizer, data, cfg: RunConfig, acc, s
 def _score_reference(model, tokenizer, data, cfg: RunConfig, acc, say) -> None:
     """The frozen reference's log-probs of every row, once, before the first step."""
     say("scoring the data with the reference policy ...")
-    for split in data.splits.values():
-        add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
+    # Under the training precision: a bf16 policy measured against an fp32 reference would start
+    # with a nonzero margin (DPO's loss 0.699, not log 2) and spend its first steps on rounding.
+    with acc.autocast():
+        for split in data.splits.values():
+            add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
 
 
 def _needs_reward(cfg: RunConfig) -> list[str]:

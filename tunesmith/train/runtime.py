@@ -6,7 +6,12 @@ from accelerate import Accelerator
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.models.device import cpu_has_fast_bf16, resolve_device, resolve_precision  # noqa: F401 (re-exported)
+from tunesmith.models.device import (  # noqa: F401 (re-exported)
+    AUTO_PRECISION_ENV,
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
