@@ -19,12 +19,12 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import predict_texts
 from tunesmith.models.load import load_tokenizer, resolve_model_path
 from tunesmith.train.runtime import make_accelerator
-from tunesmith.config import HEAD_TASKS
+from tunesmith.tasks import get_task
 
 
 def base_key(cfg: RunConfig) -> tuple:
     """What adapters must share to go on one loaded base: the model, its head type, its quantisation."""
-    return (resolve_model_path(cfg.model.name_or_path), cfg.task in HEAD_TASKS, cfg.method.opt("quantize")
+    return (resolve_model_path(cfg.model.name_or_path), get_task(cfg.task).head, cfg.method.opt("quantize")
             if cfg.method.name in ("lora", "dora", "qlora") else "none")
 
 

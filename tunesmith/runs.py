@@ -1,71 +1,14 @@
 """Use a finished run (or any base model): load it, evaluate it on a file, predict with it."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tunesmith.config import RunConfig, load_config, parse_overrides
-from tunesmith.data import prepare_data
-from tunesmith.errors import TunesmithError
+from tunesmith.config import load_config, parse_overrides
 from tunesmith.evaluate import evaluate_model, predict_texts
-from tunesmith.methods.bottleneck import load_bottleneck
+from tunesmith.methods.saved import LoadedModel, is_run_dir, load_base, load_run, to_device  # noqa: F401 (re-exported)
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
-from tunesmith.models.quant import is_quantized, quantization_config
-from tunesmith.train.runtime import make_accelerator, resolve_device, resolve_precision
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    cfg: RunConfig
-    labels: list[str] | None
-    chat: bool  # prompts go through the tokenizer's chat template
-
-
-def is_run_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "run.json").is_file() and (p / "config.yaml").is_file()
-
-
-def load_base(cfg: RunConfig, labels: list[str] | None, pad_token_id: int | None, quantized: bool = True):
-    """The run's base model as it was trained on (quantised again for QLoRA / int8 runs unless
-    `quantized=False`, which merging onto the full-precision base wants)."""
-    device = resolve_device(cfg.train)
-    quant = quantization_config(cfg.method, resolve_precision(cfg.train, device)) if quantized else None
-    return load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels, cfg.model.trust_remote_code,
-                      pad_token_id, quantization=quant, device=device)
-
-
-def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
-    """Load a run's trained model: base + peft adapter, base + bottleneck adapters, or the saved model."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise TunesmithError(f"{run_dir}: not a finished tunesmith run (no run.json / config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "run.json").read_text())
-    labels = info.get("labels")
-    if (run_dir / "adapter").is_dir():
-        from peft import PeftModel
-
-        tok = load_tokenizer(str(run_dir / "adapter"))
-        model = PeftModel.from_pretrained(load_base(cfg, labels, tok.pad_token_id, quantized), str(run_dir / "adapter"))
-    elif (run_dir / "bottleneck").is_dir():
-        tok = load_tokenizer(str(run_dir / "bottleneck"))
-        model = load_bottleneck(load_base(cfg, labels, tok.pad_token_id), run_dir / "bottleneck")
-    else:
-        tok = load_tokenizer(str(run_dir / "model"))
-        model = load_model(str(run_dir / "model"), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)
-    model.eval()
-    return LoadedModel(model, tok, cfg, labels, bool(info.get("chat_template")))
-
-
-def to_device(model: torch.nn.Module, device) -> torch.nn.Module:
-    """Move a model unless bitsandbytes placed it already (quantised models refuse .to())."""
-    return model if is_quantized(model) else model.to(device)
+from tunesmith.tasks import prepare_data
+from tunesmith.train.runtime import make_accelerator
 
 
 def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | dict | None = None,
@@ -87,6 +30,8 @@ def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | di
         if loaded.labels:
             ov["data.labels"] = loaded.labels  # the trained head's classes, in its order
         cfg = load_config(config or str(Path(run_or_model) / "config.yaml"), ov)
+        if cfg.train.precision == "auto":  # the precision the run's own final evaluation used
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": loaded.cfg.train.precision})})
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         ov["model.name_or_path"] = str(run_or_model)

@@ -6,12 +6,12 @@ to change; the adapters themselves are peft's, so they save and load in peft's f
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task
+from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task, task_facts
 from tunesmith.errors import TunesmithError
 from tunesmith.models.load import head_module_names
-from tunesmith.config import HEAD_TASKS
 
 # peft's own names for the prompt-learning task types and LoRA inits.
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -21,9 +21,9 @@ def peft_config(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path:
     """Build the peft config for `cfg.name` (one of PEFT_METHODS)."""
     import peft
 
-    task_type = peft.TaskType.SEQ_CLS if task in HEAD_TASKS else peft.TaskType.CAUSAL_LM
+    task_type = peft.TaskType.SEQ_CLS if task_facts(task).head is not None else peft.TaskType.CAUSAL_LM
     # A classifier's head starts random: it must train, and is saved with the adapter.
-    to_save = head_module_names(model) if (task in HEAD_TASKS and cfg.train_head) else None
+    to_save = head_module_names(model) if (task_facts(task).head is not None and cfg.train_head) else None
     name = cfg.name
     if name in LORA_FAMILY:
         common = dict(r=cfg.opt("r"), target_modules=_targets(model, cfg), layers_to_transform=cfg.layers,
@@ -69,11 +69,37 @@ def apply_peft(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path: 
         raise _explain(model, cfg, e) from None
     if cfg.name == "prefix" and cfg.prompt_init_text:
         _prefix_from_text(pm, cfg, tokenizer_path)
+    if cfg.name in PROMPT_METHODS:
+        _prompt_encoders_in_fp32(pm)
     if cfg.name == "lora":
         from tunesmith.methods.folded import install_training_fold
 
         install_training_fold(pm)  # dropout-0 layers: W + sBA in one matmul (methods/folded.py)
     return pm
+
+
+def _prompt_encoders_in_fp32(pm: nn.Module) -> None:
+    """Run each prompt encoder (P-tuning's MLP, prefix tuning's projection) outside autocast.
+
+    peft saves a prompt method's virtual tokens as the encoder's output computed in fp32; a
+    reloaded run uses those. Under bf16 autocast the training-time encoder would compute them in
+    bf16, so the run's own final evaluation would differ from `tunesmith eval` on the saved run
+    in the third digit. The encoders are a few small matrices: fp32 costs nothing measurable.
+    """
+    for enc in pm.prompt_encoder.values():
+        # A hook pair, not a replaced forward: hooks survive deepcopy (weight averaging, references).
+        enc.register_forward_pre_hook(_autocast_off)
+        enc.register_forward_hook(_autocast_restore, always_call=True)
+
+
+def _autocast_off(module: nn.Module, args: tuple) -> None:
+    ctx = torch.autocast(device_type=args[0].device.type, enabled=False)
+    ctx.__enter__()
+    module.__dict__.setdefault("_autocast_stack", []).append(ctx)
+
+
+def _autocast_restore(module: nn.Module, args: tuple, output) -> None:
+    module.__dict__["_autocast_stack"].pop().__exit__(None, None, None)
 
 
 def _prefix_from_text(pm: nn.Module, cfg: MethodConfig, tokenizer_path: str | None) -> None:
@@ -114,7 +140,7 @@ def _targets(model: nn.Module, cfg: MethodConfig) -> list[str] | str:
     if targets != "all-linear":
         raise TunesmithError(f"method.layers: give target_modules as a list of names or 'all-linear', not the "
                              f"pattern '{targets}' (peft cannot combine a pattern with chosen layers)")
-    from tunesmith.methods import transformer_blocks
+    from tunesmith.methods.common import transformer_blocks
 
     return _linear_names(transformer_blocks(model))
 
@@ -136,7 +162,7 @@ def _check_fits(model: nn.Module, cfg: MethodConfig, task: Task) -> None:
                 f"({', '.join(sorted(conv1d))}); peft's {cfg.name.upper()} supports nn.Linear/Conv1d/Conv2d only. "
                 "Use method lora (which supports Conv1D), or target only nn.Linear modules.")
     if cfg.name in PROMPT_METHODS and not getattr(model.config, "is_encoder_decoder", False):
-        if cfg.name == "prefix" and task in HEAD_TASKS and not _takes_past_key_values(model):
+        if cfg.name == "prefix" and task_facts(task).head is not None and not _takes_past_key_values(model):
             raise TunesmithError(
                 f"method prefix: {type(model).__name__} does not accept past_key_values, through which prefix "
                 "tuning injects its per-layer prefixes; use method prompt or ptuning (input-level soft prompts), or lora")

@@ -6,34 +6,12 @@ from accelerate import Accelerator
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TunesmithError
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels (AVX512-BF16 / AMX).
-
-    Without them bf16 matmuls are emulated: measured 0.8 vs 164 GFLOP/s for fp32 on an
-    AVX2-only EPYC, so 'auto' must not pick bf16 there.
-    """
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_device(cfg: TrainConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TunesmithError("train.device is 'cuda' but no CUDA GPU is available")
-    return cfg.device
-
-
-def resolve_precision(cfg: TrainConfig, device: str) -> str:
-    """'auto' -> bf16 where the hardware runs it fast, else fp16 on older GPUs, else fp32."""
-    if cfg.precision != "auto":
-        if cfg.precision == "fp16" and device == "cpu":
-            raise TunesmithError("train.precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
-        return cfg.precision
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+from tunesmith.models.device import (  # noqa: F401 (re-exported)
+    AUTO_PRECISION_ENV,
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
