@@ -215,18 +215,20 @@ def test_hot_load_a_run_trained_after_start_then_unload(server, client, runs, ti
     status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "C", "lora_path": c_run})
     assert status == 400 and "already" in body["error"]["message"]
 
-    # unload while a request on C is in flight: that request finishes first, later ones get a 404
+    # unload while a request on C is in flight (its first token is out): that request finishes first,
+    # later ones get a 404
     async def inflight_then_unload():
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-        req = asyncio.create_task(aclient.completions.create(model="C", prompt="the", max_tokens=60, temperature=0))
-        await asyncio.sleep(0.05)
+        stream = await aclient.completions.create(model="C", prompt="the", max_tokens=60, temperature=0, stream=True)
+        chunks = stream.__aiter__()
+        first = await chunks.__anext__()
         unload = asyncio.create_task(asyncio.to_thread(_post, server, "/v1/unload_lora_adapter", {"lora_name": "C"}))
-        r = await req
+        rest = [c async for c in chunks]
         await aclient.close()
-        return r, await unload
+        return [c.choices[0].finish_reason for c in [first, *rest] if c.choices], await unload
 
-    r, (status, body) = asyncio.run(inflight_then_unload())
-    assert r.choices[0].finish_reason in ("stop", "length") and status == 200, body
+    finish, (status, body) = asyncio.run(inflight_then_unload())
+    assert finish[-1] in ("stop", "length") and status == 200, body
     with pytest.raises(openai.NotFoundError):
         _chat(client, "C", QUESTIONS[0])
     assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "C"})[0] == 404
