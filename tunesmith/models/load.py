@@ -52,8 +52,8 @@ def _run_model(run: Path) -> Path:
     until it is merged, and starting from its base would silently drop what it learned."""
     if (run / "model" / "config.json").is_file():
         return run / "model"
-    if (run / "adapter").is_dir() or (run / "bottleneck").is_dir():
-        raise TunesmithError(f"{run}: this run saved an adapter, not a whole model; merge it first "
+    if (run / "adapter").is_dir() or (run / "bottleneck").is_dir() or (run / "diff").is_dir():
+        raise TunesmithError(f"{run}: this run saved an adapter or a sparse diff, not a whole model; merge it first "
                              f"(tunesmith merge {run} --out FOLDER) and start from FOLDER")
     raise TunesmithError(f"{run}: a run folder without a saved model (no model/config.json)")
 
