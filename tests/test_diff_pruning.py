@@ -126,10 +126,11 @@ def _diff_entries(run_dir) -> int:
 
 
 @pytest.mark.parametrize("mode", ["magnitude", "l0"])
-def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows, tmp_path, mode):
+def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows, tmp_path, mode, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from tunesmith.adapters import adapter_info, format_info, merge
+    from tunesmith.adapters import adapter_info
+    from tunesmith.cli import run as cli
     from tunesmith.runs import load_run, predict
     from tunesmith.train import train
 
@@ -140,12 +141,16 @@ def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows,
     run = res.run_dir
     meta = json.loads((run / "diff" / dp.CONFIG_FILE).read_text())
     assert meta["changed_entries"] == _diff_entries(run) == round(0.05 * meta["chosen_entries"])
-    assert meta["head"] == ["classifier.bias", "classifier.weight"]  # the new head trains in full, saved beside
-    assert not any("pooler" in h for h in meta["head"]) and any("pooler" in w for w in meta["weights"])
+    # the new head (classifier + BERT pooler, as for BitFit) trains in full and is saved beside the diff
+    assert meta["head"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
+    assert not any("pooler" in w for w in meta["weights"]) and len(meta["weights"]) == 2 * 6  # q k v o in out
     info = adapter_info(run)
     assert info["method"] == "diff_pruning" and info["mergeable"] and info["density"] == 0.05
-    text = format_info(info)
-    assert "changed:" in text and "density:" in text and "diff file" in text
+    capsys.readouterr()
+    assert cli(["adapters", "info", str(run)]) == 0
+    text = capsys.readouterr().out
+    k, n = meta["changed_entries"], meta["chosen_entries"]
+    assert "density:     0.05" in text and f"changed:     {k:,} of {n:,} entries" in text and "diff file" in text
     # the loaded run (base + diff added in) computes what the training-time parametrization did
     loaded = load_run(run)
     enc = loaded.tokenizer(["good film", "the plot was dull and boring"], return_tensors="pt", padding=True)
@@ -155,13 +160,14 @@ def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows,
     with torch.no_grad():
         want = trained(**enc).logits
     assert torch.equal(got, want)
-    out = merge(run, tmp_path / "merged")
+    out = tmp_path / "merged"
+    assert cli(["merge", str(run), "--out", str(out)]) == 0
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(plain(**enc).logits, want)  # merged == unmerged, bit for bit in fp32
     preds = predict(run, ["good film"])
     assert preds[0]["label"] in ("negative", "positive")
-    with pytest.raises(TunesmithError, match="merge it first"):
+    with pytest.raises(TunesmithError, match="saved an adapter, not a whole model; merge it first"):
         train(_cfg(run, "classification", data, tmp_path / "next", method={"name": "full", "density": None}))
     train(_cfg(out, "classification", data, tmp_path / "next", method={"name": "bitfit", "density": None}, max_steps=1))
 
