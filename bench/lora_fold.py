@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from tunesmith.config import MethodConfig, load_config
-from tunesmith.data import prepare_data
+from tunesmith.tasks import prepare_data
 from tunesmith.evaluate import score_features
 from tunesmith.methods import apply_method, folded
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path

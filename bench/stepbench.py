@@ -66,7 +66,7 @@ def _build(model_name: str, seq: int, batch: int, gc: bool):
     from tunesmith.config import load_config
     from tunesmith.methods import apply_method
     from tunesmith.models.load import load_model, resolve_model_path
-    from tunesmith.objectives import for_task
+    from tunesmith.tasks import get_task
     from tunesmith.train.loop import make_optimizer
     from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
 
@@ -98,7 +98,7 @@ def _build(model_name: str, seq: int, batch: int, gc: bool):
     data = {k: v.to(acc.device) for k, v in data.items()}
     optimizer = make_optimizer(model, cfg, acc.device.type)
     model, optimizer = acc.prepare(model, optimizer)
-    return model, data, for_task(task), optimizer, acc, precision
+    return model, data, get_task(task).objective(cfg), optimizer, acc, precision
 
 
 def measure_step(model_name: str, seq: int, batch: int, steps: int = 3, gc: bool = False) -> dict:

@@ -1,9 +1,10 @@
 import pytest
 
 from tunesmith.config import DataConfig
-from tunesmith.data.formats import detect_format, filter_where, infer_labels, to_examples
+from tunesmith.data.formats import detect_format, filter_where, infer_labels
 from tunesmith.data.readers import Record
 from tunesmith.errors import DataError, Location, TunesmithError
+from tunesmith.tasks import to_examples
 
 
 def recs(*rows):
@@ -84,7 +85,7 @@ def test_task_format_mismatch():
 def test_train_may_mix_several_files(tmp_path):
     from tests.conftest import write_jsonl
     from tunesmith.config import load_config
-    from tunesmith.data import load_examples
+    from tunesmith.tasks import load_examples
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(6)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(4)])

@@ -9,7 +9,8 @@ from tunesmith.config import load_config
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.models.load import load_model, load_tokenizer
-from tunesmith.objectives import causal_lm, classification, count_items
+from tunesmith.objectives import causal_lm, classification
+from tunesmith.tasks import count_items
 from tests.conftest import write_jsonl
 
 
@@ -247,7 +248,7 @@ def test_weight_average_is_what_the_run_evaluates_and_keeps(tiny_llama, qa_rows,
     wr, we = _final_weights(runs["raw"]), _final_weights(runs["ema"])
     assert any(not torch.allclose(wr[k], we[k]) for k in wr)
     # score the saved averaged model on the same validation split
-    from tunesmith.data import prepare_data
+    from tunesmith.tasks import prepare_data
     from tunesmith.evaluate import score_features
     from tunesmith.train.runtime import make_accelerator
     cfg = load_config(str(runs["ema"] / "config.yaml"))
@@ -288,7 +289,7 @@ def test_binary_roc_auc_is_the_pairwise_accuracy_of_the_score():
     import itertools
     import random
 
-    from tunesmith.evaluate.metrics import classification_metrics
+    from tunesmith.tasks.metrics import classification_metrics
 
     rng = random.Random(0)
     y = [rng.randint(0, 1) for _ in range(60)]
@@ -356,7 +357,7 @@ def test_online_policy_forward_with_response_logits_only_equals_full_logits(tiny
     from tunesmith import objectives
     from tunesmith.config import MethodConfig
     from tunesmith.methods import apply_method
-    from tunesmith.pref.online import policy_forward
+    from tunesmith.pref.rollout import policy_forward
 
     opts = {"r": 2} if method == "lora" else {"num_virtual_tokens": 3}
     model = apply_method(load_model(str(tiny_llama), "sft"), MethodConfig(name=method, **opts), "sft").eval()

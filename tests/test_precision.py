@@ -30,7 +30,7 @@ def test_auto_precision_can_be_forced_for_the_process_tree(monkeypatch):
 
 
 def test_a_saved_run_is_evaluated_in_the_precision_it_trained_in(monkeypatch):
-    import tunesmith.runs as runs
+    import tunesmith.methods.saved as runs
 
     cfg = load_config({"data": {"train": "x.jsonl"}})
     assert cfg.train.precision == "auto"

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import write_jsonl
 from tunesmith.config import load_config
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.pref.data import load_pref_examples, pref_report, tokenize_pref
+from tunesmith.pref.data import pref_report
+from tunesmith.tasks.preference import load_pref_examples, tokenize_pref
 from tunesmith.train import train
 
 POS, NEG, FILL = ["good", "great", "superb", "lovely"], ["bad", "awful", "boring", "dull"], ["the", "movie", "film", "plot", "was", "is", "very"]
@@ -90,7 +91,7 @@ def test_conversational_pairs_and_kto_unpaired_and_wrong_format(tmp_path, tiny_l
 
 
 def test_data_check_reports_preference_stats(tmp_path, tiny_llama):
-    from tunesmith.data.check import check_data, format_report
+    from tunesmith.tasks.check import check_data, format_report
 
     rows = _pairs(10) + [_pairs(1)[0]] + [{"prompt": "x", "chosen": "same", "rejected": "same"}]
     data = write_jsonl(tmp_path / "p.jsonl", rows)

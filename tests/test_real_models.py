@@ -57,7 +57,7 @@ def test_hub_id_offline_is_a_clear_error():
 
 def test_builtin_data_aliases():
     from tunesmith.config import load_config
-    from tunesmith.data import load_examples
+    from tunesmith.tasks import load_examples
 
     fmt, labels, splits = load_examples(load_config({"data": {"train": "builtin:imdb", "train_size": 100,
                                                               "val_size": 50, "test_size": 100}}))

@@ -2,7 +2,8 @@ from tunesmith.config import DataConfig
 from tunesmith.data.collate import batch_order, collate
 from tunesmith.data.formats import Example
 from tunesmith.data.splits import take
-from tunesmith.data.tokenize import IGNORE, render_prompt, tokenize
+from tunesmith.data.tokenize import IGNORE, render_prompt
+from tunesmith.tasks import tokenize
 from tests.conftest import make_tokenizer
 
 LLAMA = make_tokenizer("llama")
@@ -97,7 +98,7 @@ def test_stratified_seeded_splits():
 
 
 def test_expected_phrase_is_the_generation_reference():
-    from tunesmith.data.formats import to_examples
+    from tunesmith.tasks import to_examples
     from tunesmith.data.readers import Record
     from tunesmith.errors import Location
 

@@ -19,7 +19,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import predict_texts
 from tunesmith.models.load import load_tokenizer, resolve_model_path
 from tunesmith.train.runtime import make_accelerator
-from tunesmith.config import HEAD_TASKS
+from tunesmith.tasks import get_task
 
 
 @dataclass
@@ -60,7 +60,7 @@ class AdapterSet:
                                  "only adapter runs can share a base")
         cfg = load_config(run_dir / "config.yaml")
         info = json.loads((run_dir / "run.json").read_text())
-        key = (resolve_model_path(cfg.model.name_or_path), cfg.task in HEAD_TASKS, cfg.method.opt("quantize")
+        key = (resolve_model_path(cfg.model.name_or_path), get_task(cfg.task).head, cfg.method.opt("quantize")
                if cfg.method.name in ("lora", "dora", "qlora") else "none")
         if self.base_key is not None and key != self.base_key:
             raise TunesmithError(f"{run_dir}: its base {key} differs from the loaded base {self.base_key}; "

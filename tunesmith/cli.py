@@ -151,7 +151,7 @@ def run(argv: list[str]) -> int:
                   f"best {s['mean_best_reward']:.3f} / worst {s['mean_worst_reward']:.3f}")
         print(f"written to {args.out}")
     elif args.command == "data":
-        from tunesmith.data.check import check_data, format_report
+        from tunesmith.tasks.check import check_data, format_report
 
         report = check_data(args.file, args.config, rest)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -176,8 +176,10 @@ def _print_predictions(rows: list[dict], as_json: bool, adapter: str | None = No
             print(json.dumps(r))
         elif "label" in r:
             print(f"{r['label']}\t{r['probability']:.3f}\t{r['input']}")
-        else:
+        elif "output" in r:
             print(f">>> {r['input']}\n{r['output']}\n")
+        else:  # a score (reward model, regression)
+            print("\t".join(f"{v}" for k, v in r.items() if k != "input") + f"\t{r['input']}")
 
 
 def _predict(args, texts: list[str]) -> None:

@@ -7,18 +7,47 @@ Each field's description is its documentation (`tunesmith config --doc` prints t
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import ConfigError
 
-Task = Literal["classification", "sft", "cpt", "reward", "dpo", "kto", "orpo", "ppo", "grpo"]
-PREF_TASKS = frozenset({"reward", "dpo", "kto", "orpo", "ppo", "grpo"})  # tunesmith/pref
-ONLINE_TASKS = frozenset({"ppo", "grpo"})  # generate, score, update
-HEAD_TASKS = frozenset({"classification", "reward"})  # a sequence classifier with a new head (reward: one output)
+Task = str  # a task's name; what it means is tunesmith.tasks' business
+
+
+class TaskFacts(Protocol):
+    """What the layers below tunesmith.tasks may ask of a task (tunesmith.tasks.Task has the rest).
+
+    config sits at the bottom of the package, so it cannot import the tasks; the package wires
+    `get_task` in through `provide_tasks` (tunesmith/__init__.py), and the layers in between
+    (data, models, methods) ask `task_facts(name)` instead of comparing names.
+    """
+
+    name: str
+    head: Literal["labels", "scalar"] | None  # a sequence classifier with a new head, or a causal LM (None)
+    metrics: dict[str, bool]  # metric -> greater is better
+    best_metric: str
+
+    def check(self, cfg: "RunConfig") -> list[str]: ...
+
+
+_task_lookup: Callable[[str], TaskFacts] | None = None
+
+
+def provide_tasks(lookup: Callable[[str], TaskFacts]) -> None:
+    global _task_lookup
+    _task_lookup = lookup
+
+
+def task_facts(name: str) -> TaskFacts:
+    """The task called `name` (ConfigError for an unknown one)."""
+    if _task_lookup is None:
+        raise RuntimeError("no task registry: tunesmith/__init__.py provides it on import")
+    return _task_lookup(name)
 
 
 class _Section(BaseModel):
@@ -356,8 +385,9 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     """A whole fine-tuning run."""
 
-    task: Task = Field("classification", description="classification, sft (supervised generative), cpt (continued "
-                       "pre-training); from preferences: reward (reward model), dpo (also IPO, cDPO), kto, orpo, ppo, grpo.")
+    task: str = Field("classification", description="classification, sft (supervised generative), cpt (continued "
+                      "pre-training), regression (text -> a number); from preferences: reward (reward model), dpo "
+                      "(also IPO, cDPO), kto, orpo, ppo, grpo. docs/TASKS.md says how to add one.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -371,32 +401,29 @@ class RunConfig(_Section):
         problems: list[str] = []
         if not self.data.train:
             problems.append("data.train: required (a data file, folder or builtin: alias)")
-        if self.method.name == "head" and self.task not in ("classification", "reward"):
-            problems.append("method.name: 'head' trains a new classification head; use it with task: classification or reward")
-        if self.method.name == "prefix" and self.method.prompt_init_text is not None and self.task in HEAD_TASKS:
+        try:
+            task = task_facts(self.task)
+        except ConfigError as e:
+            raise ValueError(f"task: {e}") from None
+        if self.method.name == "head" and task.head is None:
+            problems.append("method.name: 'head' trains a new classification head; use it with a task that has one "
+                            "(classification, regression, reward)")
+        if self.method.name == "prefix" and self.method.prompt_init_text is not None and task.head is not None:
             problems.append("method.prompt_init_text: prefix tuning starts from a text's key/value cache, which only a "
                             "causal LM returns; on a classifier use a random start or method prompt with prompt_init_text")
-        if self.task in ONLINE_TASKS and not (self.pref.reward_model or self.pref.reward_fn):
-            problems.append(f"pref.reward_model / pref.reward_fn: task {self.task} needs a reward (a reward-model run, "
-                            "a Python function, or both)")
-        if self.method.name == "diff_pruning" and self.task in ONLINE_TASKS:
-            problems.append(f"method.name: diff_pruning is not supported for task {self.task} (its rollout loop "
-                            "does not run the pruning schedule)")
+        problems += task.check(self)
         if self.method.name == "diff_pruning" and self.train.early_stopping_patience is not None:
             problems.append("train.early_stopping_patience: not supported with diff_pruning (the run must reach the "
                             "step that fixes the mask; evaluations before it are of an unpruned diff)")
-        if self.train.ema_decay is not None and self.task in ONLINE_TASKS:
-            problems.append(f"train.ema_decay: not supported for task {self.task} (its rollouts sample from the "
-                            "raw policy)")
         if self.pref.reward_label is not None and not self.pref.reward_model:
             problems.append("pref.reward_label: only applies with pref.reward_model")
         for split in ("val_size", "test_size"):
             v = getattr(self.data, split)
             if isinstance(v, float) and v >= 1:
                 problems.append(f"data.{split}: a fraction must be < 1 (got {v}); use an int for a count")
-        if self.train.metric is not None and self.train.metric.removeprefix("eval_") not in _KNOWN_METRICS[self.task]:
+        if self.train.metric is not None and self.train.metric.removeprefix("eval_") not in task.metrics:
             problems.append(f"train.metric: '{self.train.metric}' is not computed for task {self.task}; "
-                            f"choose one of {sorted(_KNOWN_METRICS[self.task])}")
+                            f"choose one of {sorted(task.metrics)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -407,19 +434,9 @@ class RunConfig(_Section):
 
     def best_metric(self) -> tuple[str, bool]:
         """(metric name, greater_is_better) used for keep-best and early stopping."""
-        default = {"classification": "accuracy", "reward": "accuracy", "ppo": "reward", "grpo": "reward"}
-        metric = (self.train.metric or default.get(self.task, "loss")).removeprefix("eval_")
-        return metric, metric not in {"loss", "perplexity"}
-
-
-_KNOWN_METRICS = {
-    "classification": {"accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"},
-    "sft": {"loss", "perplexity", "token_accuracy"},
-    "cpt": {"loss", "perplexity", "token_accuracy"},
-    **{t: {"loss", "accuracy", "margin"} for t in ("reward", "dpo", "orpo")},
-    "kto": {"loss", "margin"},
-    "ppo": {"reward"}, "grpo": {"reward"},
-}
+        task = task_facts(self.task)
+        metric = (self.train.metric or task.best_metric).removeprefix("eval_")
+        return metric, task.metrics[metric]
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

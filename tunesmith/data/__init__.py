@@ -1,22 +1,27 @@
-"""Data pipeline: read -> filter -> validate -> split -> tokenise. `prepare_data` runs it all."""
+"""Data pipeline: read -> filter -> validate -> split -> tokenise. A task (tunesmith.tasks) says how its
+records become examples and features; `split_examples` does the reading and splitting they share."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith import assets
-from tunesmith.config import PREF_TASKS, DataConfig, RunConfig
-from tunesmith.data.formats import Example, filter_where, infer_labels, to_examples
+from tunesmith.config import DataConfig, RunConfig, task_facts
+from tunesmith.data.formats import filter_where, infer_labels
 from tunesmith.data.readers import Record, read_records
 from tunesmith.data.splits import take
-from tunesmith.data.tokenize import TokenStats, tokenize, use_chat_template
+from tunesmith.data.tokenize import TokenStats
 from tunesmith.errors import TunesmithError
+
+# A task's reader: (records, run config, labels, label names) -> (format, examples); raises DataError.
+ReadFn = Callable[[list[Record], RunConfig, "list[str] | None", "list[str] | None"], tuple[str, list[Any]]]
 
 
 @dataclass
 class Split:
-    examples: list[Example]
+    examples: list[Any]  # data.formats.Example, pref.data.PrefExample, ... as the task reads them
     features: list[dict[str, Any]] = field(default_factory=list)
     stats: TokenStats = field(default_factory=TokenStats)
 
@@ -44,7 +49,7 @@ def load_records(source: str, cfg: DataConfig, problems: list | None = None) -> 
 
 
 def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, Any]) -> list[str] | None:
-    if cfg.task != "classification":
+    if task_facts(cfg.task).head != "labels":
         return None
     labels = cfg.data.labels or src.get("labels") or infer_labels(train_records, cfg.data)
     if len(labels) < 2:
@@ -52,8 +57,12 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
     return list(labels)
 
 
-def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list[Example]]]:
-    """Read, filter, validate and split; no tokenizer needed. Returns (format, labels, splits)."""
+def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]]]:
+    """Read, filter, validate (with the task's `read`) and split; no tokenizer needed.
+
+    Splits are taken per record, before a task expands one (a ranking's pairs never straddle splits).
+    Returns (format, labels, splits).
+    """
     d = cfg.data
     train_recs: list[Record] = []
     src: dict[str, Any] = {}
@@ -63,13 +72,13 @@ def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list
         src = src or s  # the first source's builtin defaults (labels) apply
     labels = resolve_labels(cfg, train_recs, src)
     names = labels or d.labels or src.get("labels")  # lets a template say {label_name} for 0/1 labels
-    fmt, pool = to_examples(train_recs, cfg.task, d, labels, names)
-    out: dict[str, list[Example]] = {}
-    strat = (lambda xs: [e.label for e in xs]) if (cfg.task == "classification" and d.stratify) else (lambda xs: None)
+    fmt, pool = read(train_recs, cfg, labels, names)
+    out: dict[str, list[Any]] = {}
+    strat = (lambda xs: [e.label for e in xs]) if (labels and d.stratify) else (lambda xs: None)
     for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
                                   ("validation", d.validation, d.val_size, "data.val_size")):
         if path:
-            out[name] = to_examples(load_records(path, d)[0], cfg.task, d, labels, names)[1]
+            out[name] = read(load_records(path, d)[0], cfg, labels, names)[1]
         else:
             taken, pool = take(pool, size, d.seed, strat(pool), key)
             if taken:
@@ -82,22 +91,3 @@ def load_examples(cfg: RunConfig) -> tuple[str, list[str] | None, dict[str, list
 
 def _smaller(size: int | float, n: int) -> bool:
     return (size < 1.0) if isinstance(size, float) else size < n
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
-    """The whole data pipeline for a run.
-
-    Raises:
-        TunesmithError / DataError naming file, line and field for any bad input.
-    """
-    if cfg.task in PREF_TASKS:
-        from tunesmith.pref.data import prepare_pref_splits  # pref.data builds on this module
-        fmt, chat, splits = prepare_pref_splits(cfg, tokenizer)
-        return PreparedData(fmt=fmt, labels=None, chat=chat, splits=splits)
-    fmt, labels, split_examples = load_examples(cfg)
-    chat = cfg.task == "sft" and use_chat_template(cfg.data, fmt, tokenizer)
-    splits = {}
-    for name, exs in split_examples.items():
-        feats, stats = tokenize(exs, cfg.task, fmt, cfg.data, tokenizer)
-        splits[name] = Split(exs, feats, stats)
-    return PreparedData(fmt=fmt, labels=labels, chat=chat, splits=splits)

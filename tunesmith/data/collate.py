@@ -48,8 +48,9 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         if "labels" in f:
             out["labels"][i, :n] = torch.tensor(f["labels"])
     out["input_ids"], out["attention_mask"] = ids, mask
-    if "label" in features[0]:
-        out["label"] = torch.tensor([f["label"] for f in features], dtype=torch.long)  # (B,)
+    if "label" in features[0]:  # a class id, or a regression target
+        kind = torch.float if isinstance(features[0]["label"], float) else torch.long
+        out["label"] = torch.tensor([f["label"] for f in features], dtype=kind)  # (B,)
     return out
 
 

@@ -16,15 +16,9 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.config import DataConfig, Task
+from tunesmith.config import DataConfig
 from tunesmith.data.readers import Record
 from tunesmith.errors import DataError, Problem, TunesmithError
-
-FORMATS_FOR_TASK: dict[str, set[str]] = {
-    "classification": {"classification"},
-    "sft": {"prompt_completion", "instruction", "chat"},
-    "cpt": {"text", "classification"},  # a labelled file's text is still text
-}
 
 # The Alpaca layout: the most common instruction-tuning prompt in the literature.
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that "
@@ -105,7 +99,7 @@ def _with_label_name(fields: dict[str, Any], names: list[str] | None) -> dict[st
     return fields if label is None else {**fields, "label_name": str(label)}
 
 
-def _need_str(fields: dict, key: str, where, problems: list[Problem], allow_empty: bool = False) -> str | None:
+def need_str(fields: dict, key: str, where, problems: list[Problem], allow_empty: bool = False) -> str | None:
     if key not in fields or fields[key] is None:
         problems.append(Problem(where, "missing", field=key))
         return None
@@ -157,9 +151,10 @@ def infer_labels(records: list[Record], cfg: DataConfig) -> list[str]:
     return sorted(values)
 
 
-def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list[str] | None,
-                label_names: list[str] | None = None) -> tuple[str, list[Example]]:
-    """Validate records for `task` and convert them to Examples.
+def read_examples(records: list[Record], task: str, formats: frozenset[str], cfg: DataConfig, labels: list[str] | None,
+                  label_names: list[str] | None = None) -> tuple[str, list[Example]]:
+    """Validate records for a task that reads `formats` and convert them to Examples. With `labels`,
+    a classification record's label becomes its class id; without, only its text is read.
 
     Returns:
         (detected format, examples)
@@ -167,9 +162,9 @@ def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list
         DataError listing every bad record (file, line, field).
     """
     fmt = detect_format(rename_columns(records[0], cfg.columns), cfg)
-    if fmt not in FORMATS_FOR_TASK[task]:
+    if fmt not in formats:
         raise TunesmithError(f"{records[0].where.path}: data looks like '{fmt}', which task '{task}' cannot use "
-                             f"(it needs {' or '.join(sorted(FORMATS_FOR_TASK[task]))}); set data.format or data.columns")
+                             f"(it needs {' or '.join(sorted(formats))}); set data.format or data.columns")
     problems: list[Problem] = []
     examples = []
     for rec in records:
@@ -178,10 +173,10 @@ def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list
         n_before = len(problems)
         ex = Example(where=w)
         if fmt == "text":
-            ex.text = _need_str(f, "text", w, problems)
+            ex.text = need_str(f, "text", w, problems)
         elif fmt == "classification":
-            ex.text = _need_str(f, "text", w, problems)
-            if task == "classification":
+            ex.text = need_str(f, "text", w, problems)
+            if labels is not None:
                 if f.get("label") is None or str(f.get("label")).strip() == "":
                     problems.append(Problem(w, "missing", field="label"))
                 else:
@@ -194,18 +189,18 @@ def to_examples(records: list[Record], task: Task, cfg: DataConfig, labels: list
             ex.completion = _render(cfg.template.completion or "{completion}", g, w, problems)
             ex.plain_prompt = ex.prompt
         elif fmt == "instruction":
-            instr = _need_str(f, "instruction", w, problems)
+            instr = need_str(f, "instruction", w, problems)
             inp = f.get("input") or ""
-            ex.completion = _need_str(f, "output", w, problems)
+            ex.completion = need_str(f, "output", w, problems)
             if instr is not None:
                 ex.prompt = instr + ("\n\n" + inp if inp else "")
                 ex.plain_prompt = ALPACA_PROMPT.format(with_input=", paired with an input that provides further context" if inp else "",
                                                instruction=instr, input_block=f"### Input:\n{inp}\n\n" if inp else "")
         else:  # prompt_completion
-            ex.prompt = ex.plain_prompt = _need_str(f, "prompt", w, problems, allow_empty=True)
-            ex.completion = _need_str(f, "completion", w, problems)
-        if task == "sft" and f.get("expected") is not None:
-            ex.expected = _need_str(f, "expected", w, problems)
+            ex.prompt = ex.plain_prompt = need_str(f, "prompt", w, problems, allow_empty=True)
+            ex.completion = need_str(f, "completion", w, problems)
+        if fmt not in ("text", "classification") and f.get("expected") is not None:  # an answer's key phrase
+            ex.expected = need_str(f, "expected", w, problems)
         if len(problems) == n_before:
             examples.append(ex)
     if problems:

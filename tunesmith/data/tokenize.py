@@ -1,7 +1,7 @@
-"""Examples -> token ids and labels, per task.
+"""Examples -> token ids and labels; each task picks the encoder that fits it.
 
 Feature dicts (no padding here; collate pads per batch):
-  classification: {"input_ids": [...], "label": int}
+  classification: {"input_ids": [...], "label": int}  (regression: a float label)
   sft / cpt:      {"input_ids": [...], "labels": [...]} with -100 where no loss is taken
   sft also keeps  "prompt_len" (tokens before the last assistant reply) for generation.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunesmith.config import DataConfig, Task
+from tunesmith.config import DataConfig
 from tunesmith.data.formats import Example
 from tunesmith.errors import DataError, Problem, TunesmithError
 
@@ -122,29 +122,32 @@ def _truncate_sft(ids: list[int], labels: list[int], prompt_len: int, max_len: i
     return ids[:max_len], labels[:max_len], prompt_len
 
 
-def tokenize(examples: list[Example], task: Task, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], TokenStats]:
-    """Encode examples for `task`.
+def tokenize_texts(examples: list[Example], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], TokenStats]:
+    """Text + label examples (classification, regression): {"input_ids", "label"}, cut by data.truncation_side."""
+    stats = TokenStats()
+    feats: list[dict[str, Any]] = []
+    # Untruncated on purpose (to count lengths and cut by our own rule); verbose=False drops the
+    # tokenizer's "longer than the maximum ... indexing errors" warning, which does not apply.
+    enc = tokenizer([e.text for e in examples], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    tokenizer.truncation_side = cfg.truncation_side
+    specials = set(tokenizer.all_special_ids)  # a property that builds a list: once, not per example
+    for e, ids in zip(examples, enc):
+        stats.lengths.append(len(ids))
+        if len(ids) > cfg.max_length:
+            stats.truncated += 1
+            ids = _truncate_keep_specials(ids, cfg.max_length, cfg.truncation_side, specials)
+        feats.append({"input_ids": ids, "label": e.label})
+    return feats, stats
+
+
+def tokenize_sft(examples: list[Example], fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], TokenStats]:
+    """Prompt + answer examples: loss on the answer only.
 
     Raises:
         DataError if every example is dropped (e.g. max_length leaves no answer tokens).
     """
     stats = TokenStats()
     feats: list[dict[str, Any]] = []
-    if task == "classification":
-        # Untruncated on purpose (to count lengths and cut by our own rule); verbose=False drops the
-        # tokenizer's "longer than the maximum ... indexing errors" warning, which does not apply.
-        enc = tokenizer([e.text for e in examples], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        tokenizer.truncation_side = cfg.truncation_side
-        specials = set(tokenizer.all_special_ids)  # a property that builds a list: once, not per example
-        for e, ids in zip(examples, enc):
-            stats.lengths.append(len(ids))
-            if len(ids) > cfg.max_length:
-                stats.truncated += 1
-                ids = _truncate_keep_specials(ids, cfg.max_length, cfg.truncation_side, specials)
-            feats.append({"input_ids": ids, "label": e.label})
-        return feats, stats
-    if task == "cpt":
-        return _tokenize_cpt(examples, cfg, tokenizer, stats)
     chat = use_chat_template(cfg, fmt, tokenizer)
     problems = []
     for e in examples:
@@ -174,7 +177,9 @@ def _truncate_keep_specials(ids: list[int], max_len: int, side: str, specials: s
     return head + body + tail
 
 
-def _tokenize_cpt(examples: list[Example], cfg: DataConfig, tokenizer, stats: TokenStats):
+def tokenize_cpt(examples: list[Example], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], TokenStats]:
+    """Documents packed (or cut) into max_length blocks, loss on every token."""
+    stats = TokenStats()
     eos = tokenizer.eos_token_id
     docs = tokenizer([e.text for e in examples], add_special_tokens=True, verbose=False)["input_ids"]
     stats.lengths = [len(d) for d in docs]

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 _HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "perplexity", "token_accuracy",
-             "exact_match", "contains", "margin", "reward", "positive_share", "kl", "completion_tokens", "tax_perplexity"]
+             "exact_match", "contains", "margin", "reward", "positive_share", "kl", "completion_tokens", "tax_perplexity",
+             "mae", "rmse", "pearson", "spearman"]
 
 
 def _fmt(v: Any) -> str:
@@ -21,9 +22,9 @@ def _short(text: str, n: int = 90) -> str:
 def _cell(s: dict) -> str:
     if "label" in s:
         return f"{s['label']} ({s['probability']:.2f})"
-    if "reward" in s:
-        return f"{s['reward']:.3f}"
-    return _short(s["output"], 120).replace("|", "\\|")
+    if "output" in s:
+        return _short(s["output"], 120).replace("|", "\\|")
+    return " ".join(f"{v:.3f}" for k, v in s.items() if k != "input")  # a reward, a predicted value
 
 
 def comparison_markdown(before: dict | None, after: dict) -> str:
@@ -91,7 +92,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         ax1.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
-        key = "accuracy" if "accuracy" in evals[0] else "perplexity"
+        shown = [k for k, v in evals[0].items() if isinstance(v, float) and k not in ("loss", "epoch", "elapsed_s")]
+        key = next((k for k in ("accuracy", "perplexity") if k in shown), shown[0])  # e.g. regression: mae
         ax2.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:green")
         ax2.set_title(f"validation {key}")
         ax2.set_xlabel("step")

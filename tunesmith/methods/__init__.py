@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from tunesmith.config import PEFT_METHODS, MethodConfig, Task
+from tunesmith.config import PEFT_METHODS, MethodConfig, Task, task_facts
 from tunesmith.errors import TunesmithError
-from tunesmith.config import HEAD_TASKS
+from tunesmith.methods.common import trainable_state, transformer_blocks  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from tunesmith.objectives import LossOut
@@ -49,14 +49,6 @@ def param_report(model: nn.Module) -> ParamReport:
     return ParamReport(trainable, total)
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated blocks of a transformer (BERT encoder.layer, Llama model.layers, GPT-2 h ...)."""
-    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise TunesmithError(f"{type(model).__name__}: no stack of transformer blocks found")
-    return max(lists, key=len)
-
-
 def saved_as(method: str) -> str:
     """Run sub-folder a method's result is saved in: adapter (peft), bottleneck or diff (ours), or model (transformers)."""
     if method in PEFT_METHODS:
@@ -86,7 +78,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path
 
         model.requires_grad_(False)
         add_bottleneck_adapters(model, cfg.opt("adapter_size"), cfg.opt("placement"), cfg.opt("dropout"), cfg.layers)
-        if task in HEAD_TASKS and cfg.train_head:
+        if task_facts(task).head is not None and cfg.train_head:
             selective.train_head(model)
         return model
     from tunesmith.methods.peft_methods import apply_peft
@@ -120,9 +112,3 @@ def check_gradients_reach(model: nn.Module, batch: dict[str, torch.Tensor],
     if dead:
         raise TunesmithError(f"method {method} does not reach this model's output: {len(dead)} of {len(trainable)} "
                              f"trainable tensors get no gradient (e.g. {dead[:3]})")
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the weights that train: what checkpoints need (a LoRA checkpoint is a few MB)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}

@@ -73,7 +73,7 @@ def _find(block: nn.Module, candidates: tuple[str, ...]) -> str | None:
 def add_bottleneck_adapters(model: nn.Module, size: int, placement: str, dropout: float,
                             layers: list[int] | None = None) -> list[str]:
     """Insert adapters in place; freezes nothing (the caller decides). Returns the wrapped module names."""
-    from tunesmith.methods import transformer_blocks
+    from tunesmith.methods.common import transformer_blocks
 
     blocks = transformer_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -108,7 +108,7 @@ def has_bottleneck(model: nn.Module) -> bool:
 def save_bottleneck(model: nn.Module, out: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from tunesmith.methods import trainable_state
+    from tunesmith.methods.common import trainable_state
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(out / WEIGHTS_FILE))

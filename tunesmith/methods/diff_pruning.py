@@ -95,10 +95,10 @@ def _head_names(model: nn.Module, task: str) -> list[str]:
     no signal (outputs vary by ~0.03 across reviews), and a diff over 1% of its entries left the
     loss at 0.692 on IMDB for 40 steps (a new classifier cannot read a constant).
     """
-    from tunesmith.config import HEAD_TASKS
+    from tunesmith.config import task_facts
     from tunesmith.models.load import head_module_names
 
-    if task not in HEAD_TASKS:
+    if task_facts(task).head is None:
         return []
     return head_module_names(model) + [n for n, _ in model.named_modules() if n.endswith("pooler")]
 
@@ -236,12 +236,12 @@ class DiffSchedule:
 
 def apply_diff_pruning(model: nn.Module, cfg, task: str) -> nn.Module:
     """Freeze the model, parametrize the chosen weights with a trainable diff, train a new head fully."""
-    from tunesmith.config import HEAD_TASKS
+    from tunesmith.config import task_facts
     from tunesmith.methods.selective import train_head
 
     model.requires_grad_(False)
     add_diffs(model, cfg.opt("target_modules"), task, gated=cfg.opt("mode") == "l0")
-    if task in HEAD_TASKS and cfg.train_head:
+    if task_facts(task).head is not None and cfg.train_head:
         train_head(model, pooler=True)  # see _head_names
     return model
 

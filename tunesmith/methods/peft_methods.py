@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task
+from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task, task_facts
 from tunesmith.errors import TunesmithError
 from tunesmith.models.load import head_module_names
-from tunesmith.config import HEAD_TASKS
 
 # peft's own names for the prompt-learning task types and LoRA inits.
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
@@ -22,9 +21,9 @@ def peft_config(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path:
     """Build the peft config for `cfg.name` (one of PEFT_METHODS)."""
     import peft
 
-    task_type = peft.TaskType.SEQ_CLS if task in HEAD_TASKS else peft.TaskType.CAUSAL_LM
+    task_type = peft.TaskType.SEQ_CLS if task_facts(task).head is not None else peft.TaskType.CAUSAL_LM
     # A classifier's head starts random: it must train, and is saved with the adapter.
-    to_save = head_module_names(model) if (task in HEAD_TASKS and cfg.train_head) else None
+    to_save = head_module_names(model) if (task_facts(task).head is not None and cfg.train_head) else None
     name = cfg.name
     if name in LORA_FAMILY:
         common = dict(r=cfg.opt("r"), target_modules=_targets(model, cfg), layers_to_transform=cfg.layers,
@@ -141,7 +140,7 @@ def _targets(model: nn.Module, cfg: MethodConfig) -> list[str] | str:
     if targets != "all-linear":
         raise TunesmithError(f"method.layers: give target_modules as a list of names or 'all-linear', not the "
                              f"pattern '{targets}' (peft cannot combine a pattern with chosen layers)")
-    from tunesmith.methods import transformer_blocks
+    from tunesmith.methods.common import transformer_blocks
 
     return _linear_names(transformer_blocks(model))
 
@@ -163,7 +162,7 @@ def _check_fits(model: nn.Module, cfg: MethodConfig, task: Task) -> None:
                 f"({', '.join(sorted(conv1d))}); peft's {cfg.name.upper()} supports nn.Linear/Conv1d/Conv2d only. "
                 "Use method lora (which supports Conv1D), or target only nn.Linear modules.")
     if cfg.name in PROMPT_METHODS and not getattr(model.config, "is_encoder_decoder", False):
-        if cfg.name == "prefix" and task in HEAD_TASKS and not _takes_past_key_values(model):
+        if cfg.name == "prefix" and task_facts(task).head is not None and not _takes_past_key_values(model):
             raise TunesmithError(
                 f"method prefix: {type(model).__name__} does not accept past_key_values, through which prefix "
                 "tuning injects its per-layer prefixes; use method prompt or ptuning (input-level soft prompts), or lora")

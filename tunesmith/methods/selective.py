@@ -5,14 +5,13 @@ import re
 
 from torch import nn
 
-from tunesmith.config import MethodConfig, Task
+from tunesmith.config import MethodConfig, Task, task_facts
 from tunesmith.errors import TunesmithError
 from tunesmith.models.load import head_module_names
-from tunesmith.config import HEAD_TASKS
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    from tunesmith.methods import transformer_blocks
+    from tunesmith.methods.common import transformer_blocks
 
     return transformer_blocks(model)
 
@@ -51,7 +50,7 @@ def apply_bitfit(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Module:
                              "models use bias-free layers); use lora, ia3 or selective instead")
     for p in biases:
         p.requires_grad_(True)
-    if task in HEAD_TASKS and cfg.train_head:
+    if task_facts(task).head is not None and cfg.train_head:
         train_head(model, pooler=True)
     return model
 
@@ -77,7 +76,7 @@ def apply_selective(model: nn.Module, cfg: MethodConfig, task: Task) -> nn.Modul
                 raise TunesmithError(f"method.layers: block {i} out of range; the model has {len(blocks)} blocks")
             blocks[i].requires_grad_(True)
     _unfreeze_top(model, cfg.opt("unfreeze_top_layers"))
-    if task in HEAD_TASKS and cfg.train_head:
+    if task_facts(task).head is not None and cfg.train_head:
         train_head(model, pooler=True)
     return model
 

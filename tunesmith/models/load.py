@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tunesmith import assets
-from tunesmith.config import Task
+from tunesmith.config import Task, task_facts
 from tunesmith.errors import TunesmithError
 from tunesmith.models.quant import keep_one_cpu_4bit_path
 from tunesmith.utils import atomic_folder
@@ -109,7 +109,8 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
                pad_token_id: int | None = None, dtype: torch.dtype = torch.float32,
                dropout: float | None = None, attention_dropout: float | None = None,
                quantization=None, device: str = "cpu") -> torch.nn.Module:
-    """Load the base for a task: a sequence classifier (with a new head sized to `labels`) or a causal LM.
+    """Load the base for a task: a sequence classifier (a new head sized to `labels`, or one scalar output)
+    or a causal LM, as the task's `head` says.
 
     `dropout` / `attention_dropout` override the model config's probabilities when not None.
     `quantization` (a BitsAndBytesConfig, models/quant.py) loads the weights quantised onto `device`.
@@ -123,9 +124,11 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
             for key in keys if value is not None else ():
                 if isinstance(getattr(config, key, None), float):
                     setattr(config, key, value)
-        if task == "reward":
-            labels = ["reward"]  # one scalar output: the reward
-        if task in ("classification", "reward"):
+        head = task_facts(task).head
+        if head == "scalar":
+            labels = [task]  # one output: the reward, the predicted value
+            config.problem_type = "regression"
+        if head is not None:
             assert labels is not None
             config.num_labels = len(labels)
             config.id2label = dict(enumerate(labels))
@@ -143,7 +146,7 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
         transformers.logging.set_verbosity(prev)
     if quantization is not None and quantization.load_in_4bit:
         keep_one_cpu_4bit_path(model)
-    if task not in ("classification", "reward") and pad_token_id is not None and model.generation_config.pad_token_id is None:
+    if head is None and pad_token_id is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_token_id
     return model
 

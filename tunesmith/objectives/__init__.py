@@ -1,4 +1,4 @@
-"""Objectives: one small function per task, (model, batch) -> summed loss and counts.
+"""Objectives, (model, batch) -> summed loss and counts; a task (tunesmith.tasks) picks its own.
 
 Losses are returned as sums with their counts, not means: the loop divides by the count of
 the whole accumulated step, so batch 1 x accum 8 gives the same gradient as batch 8 x accum 1
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -105,21 +104,11 @@ def _takes_mask(slicer) -> bool:
         return False
 
 
-def for_task(task: str, pref=None) -> Callable[[object, dict[str, torch.Tensor]], LossOut]:
-    """The objective of a task; preference tasks take their settings (cfg.pref)."""
-    if task == "classification":
-        return classification
-    if task in ("sft", "cpt"):
-        return causal_lm
-    from tunesmith.pref.objectives import pref_objective
-    return pref_objective(task, pref)
+def count_examples(batch: dict[str, torch.Tensor]) -> float:
+    """Loss denominator of a per-example objective (known before the forward pass)."""
+    return int(batch["label"].numel())
 
 
-def count_items(task: str, batch: dict[str, torch.Tensor]) -> float:
-    """How many items a batch contributes to the loss denominator (known before the forward pass):
-    examples (classification), target tokens (LMs), or the summed weights of pairs (preferences)."""
-    if task == "classification":
-        return int(batch["label"].numel())
-    if "weight" in batch:
-        return float(batch["weight"].sum())
+def count_targets(batch: dict[str, torch.Tensor]) -> float:
+    """Loss denominator of a language-model objective: the target tokens."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -9,6 +9,7 @@ Record shapes (the field's usual JSONL layouts, trl's included; `data.columns` r
   prompt      {"prompt"} or {"text"} (with pref.prompt_words: the text's first N words)  for PPO / GRPO
 A "margin" field on a preference record is used by the reward model's margin loss.
 Splits are taken per record, before expansion, so one prompt's pairs never straddle train and test.
+tunesmith/tasks/preference.py says which task reads which shape and how it encodes them.
 """
 from __future__ import annotations
 
@@ -16,25 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from tunesmith.config import RunConfig
-from tunesmith.data import Split, load_records
 from tunesmith.data.formats import Example, rename_columns
 from tunesmith.data.readers import Record
-from tunesmith.data.splits import take
 from tunesmith.data.tokenize import IGNORE, TokenStats, _encode_sft, _truncate_sft
 from tunesmith.errors import DataError, Problem, TunesmithError
 
 Messages = list[dict[str, str]]
-FORMATS_FOR_TASK = {
-    "reward": {"preference", "ranking"},
-    "dpo": {"preference", "ranking"},
-    "orpo": {"preference", "ranking"},
-    "kto": {"unpaired", "preference"},  # a pair gives one desirable and one undesirable example
-    "ppo": {"prompt", "preference", "ranking", "unpaired"},  # online methods only need the prompts
-    "grpo": {"prompt", "preference", "ranking", "unpaired"},
-}
 
 
 @dataclass
@@ -158,50 +147,27 @@ def _pref_example(f: dict[str, Any], fmt: str, w, cfg: RunConfig, problems: list
     return PrefExample(w, prompt, [comp], desirable=bool(label)) if len(problems) == n0 else None
 
 
-def to_pref_examples(records: list[Record], cfg: RunConfig) -> tuple[str, list[PrefExample]]:
-    """Validate records for a preference task. Raises DataError listing every bad record."""
+def to_pref_examples(records: list[Record], cfg: RunConfig, formats: frozenset[str]) -> tuple[str, list[PrefExample]]:
+    """Validate records for a preference task that reads `formats`. Raises DataError listing every bad record."""
     fmt = detect_pref_format(rename_columns(records[0], cfg.data.columns))
-    if fmt not in FORMATS_FOR_TASK[cfg.task]:
+    if fmt not in formats:
         raise TunesmithError(f"{records[0].where.path}: data looks like '{fmt}', which task '{cfg.task}' cannot use "
-                             f"(it needs {' or '.join(sorted(FORMATS_FOR_TASK[cfg.task]))})")
+                             f"(it needs {' or '.join(sorted(formats))})")
     problems: list[Problem] = []
     out = []
     for rec in records:
         ex = _pref_example(rename_columns(rec, cfg.data.columns), fmt, rec.where, cfg, problems)
         if ex is not None:
-            if cfg.task == "kto" and fmt == "preference":  # a pair is one thumbs-up and one thumbs-down
-                out += [PrefExample(ex.where, ex.prompt, [ex.responses[0]], desirable=True),
-                        PrefExample(ex.where, ex.prompt, [ex.responses[1]], desirable=False)]
-            else:
-                out.append(ex)
+            out.append(ex)
     if problems:
         raise DataError(problems)
     return fmt, out
 
 
-def load_pref_examples(cfg: RunConfig) -> tuple[str, dict[str, list[PrefExample]]]:
-    d = cfg.data
-    recs: list[Record] = []
-    for source in [d.train] if isinstance(d.train, str) else d.train:
-        recs += load_records(source, d)[0]
-    fmt, pool = to_pref_examples(recs, cfg)
-    out: dict[str, list[PrefExample]] = {}
-    for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
-                                  ("validation", d.validation, d.val_size, "data.val_size")):
-        if path:
-            out[name] = to_pref_examples(load_records(path, d)[0], cfg)[1]
-        else:
-            taken, pool = take(pool, size, d.seed, None, key)
-            if taken:
-                out[name] = taken
-    if d.train_size is not None and (d.train_size < 1.0 if isinstance(d.train_size, float) else d.train_size < len(pool)):
-        pool, _ = take(pool, d.train_size, d.seed + 1, None, "data.train_size")
-    out["train"] = pool
-    return fmt, out
-
-
 # ---------------------------------------------------------------- tokenisation
-def use_chat(cfg: RunConfig, examples: list[PrefExample], tokenizer) -> bool:
+def use_chat(cfg: RunConfig, examples: list[PrefExample], tokenizer, default: bool = True) -> bool:
+    """Chat template on or off: data.chat_template, else on for messages, else `default` where the
+    tokenizer has a template (a reward model reads plain text)."""
     if cfg.data.chat_template is not None:
         if cfg.data.chat_template and not tokenizer.chat_template:
             raise TunesmithError("data.chat_template is on, but this tokenizer has no chat template")
@@ -210,7 +176,7 @@ def use_chat(cfg: RunConfig, examples: list[PrefExample], tokenizer) -> bool:
         if not tokenizer.chat_template:
             raise TunesmithError("chat (messages) data needs a tokenizer with a chat template; this one has none")
         return True
-    return bool(tokenizer.chat_template) and not cfg.data.template.prompt and cfg.task != "reward"
+    return default and bool(tokenizer.chat_template) and not cfg.data.template.prompt
 
 
 def _as_example(prompt: str | Messages, response: str) -> Example:
@@ -260,31 +226,35 @@ def _encode_reward(text: str, cfg: RunConfig, tokenizer, stats: TokenStats) -> d
     return {"input_ids": ids}
 
 
-def tokenize_pref(examples: list[PrefExample], cfg: RunConfig, tokenizer, chat: bool) -> tuple[list[dict], TokenStats]:
-    """Features per task (collate_rows pads them):
-      reward       {"rows": [chosen, rejected] (input_ids), "weight", "margin"}
-      dpo / orpo   {"rows": [chosen, rejected] (input_ids + labels), "weight"}
-      kto          {"rows": [response, mismatched response for the KL estimate], "desirable", "weight"}
-      ppo / grpo   {"prompt_ids", "prompt"}
-    """
+def encode_prompts(examples: list[PrefExample], cfg: RunConfig, tokenizer, chat: bool) -> tuple[list[dict], TokenStats]:
+    """Prompts a policy continues (PPO, GRPO): {"prompt_ids", "prompt"}."""
+    return [{"prompt_ids": encode_prompt(e.prompt, cfg, tokenizer, chat), "prompt": e.prompt} for e in examples], TokenStats()
+
+
+def encode_unpaired(examples: list[PrefExample], cfg: RunConfig, tokenizer, chat: bool) -> tuple[list[dict], TokenStats]:
+    """KTO: {"rows": [response, mismatched response for the KL estimate], "desirable", "weight"}."""
     stats = TokenStats()
     feats: list[dict] = []
-    task = cfg.task
-    if task in ("ppo", "grpo"):
-        return [{"prompt_ids": encode_prompt(e.prompt, cfg, tokenizer, chat), "prompt": e.prompt} for e in examples], stats
-    if task == "kto":
-        n = len(examples)
-        for i, e in enumerate(examples):
-            other = examples[(i + 1) % n] if n > 1 else e  # KTO's z0: this prompt with another example's answer
-            row = encode_response(e.prompt, e.responses[0], cfg, tokenizer, chat, stats)
-            kl_row = encode_response(e.prompt, other.responses[0], cfg, tokenizer, chat, TokenStats())
-            feats.append({"rows": [row, kl_row], "desirable": float(bool(e.desirable)), "weight": e.weight})
-        return feats, stats
+    n = len(examples)
+    for i, e in enumerate(examples):
+        other = examples[(i + 1) % n] if n > 1 else e  # KTO's z0: this prompt with another example's answer
+        row = encode_response(e.prompt, e.responses[0], cfg, tokenizer, chat, stats)
+        kl_row = encode_response(e.prompt, other.responses[0], cfg, tokenizer, chat, TokenStats())
+        feats.append({"rows": [row, kl_row], "desirable": float(bool(e.desirable)), "weight": e.weight})
+    return feats, stats
+
+
+def encode_pairs(examples: list[PrefExample], cfg: RunConfig, tokenizer, chat: bool, scored: bool = False
+                 ) -> tuple[list[dict], TokenStats]:
+    """Pairs, {"rows": [better, worse], "weight", "margin"} (collate_rows pads them): rows of prompt +
+    response with labels on the response (DPO, ORPO), or with `scored` plain text for a reward model."""
+    stats = TokenStats()
+    feats: list[dict] = []
     problems = []
     for e in examples:
         if not e.pairs:
             continue
-        if task == "reward":
+        if scored:
             rows = [_encode_reward(reward_text(e.prompt, r), cfg, tokenizer, stats) for r in e.responses]
         else:
             rows = [encode_response(e.prompt, r, cfg, tokenizer, chat, stats) for r in e.responses]
@@ -323,29 +293,3 @@ def pref_report(examples: list[PrefExample], feats: list[dict]) -> dict[str, Any
         report["mean_tokens_rejected"] = round(sum(r for _, r in lens) / len(lens), 1)
         report["chosen_longer_share"] = round(sum(c > r for c, r in lens) / len(lens), 3)
     return report
-
-
-def prepare_pref_splits(cfg: RunConfig, tokenizer) -> tuple[str, bool, dict[str, Split]]:
-    fmt, split_examples = load_pref_examples(cfg)
-    chat = use_chat(cfg, [e for exs in split_examples.values() for e in exs], tokenizer)
-    splits = {}
-    for name, exs in split_examples.items():
-        feats, stats = tokenize_pref(exs, cfg, tokenizer, chat)
-        splits[name] = Split(exs, feats, stats)
-    return fmt, chat, splits
-
-
-@torch.no_grad()
-def reward_scores(model, tokenizer, texts: list[str], cfg: RunConfig, acc) -> list[float]:
-    """A reward model's scalar for each text (what `tunesmith predict` prints for a reward run)."""
-    was_training = model.training
-    model.eval()
-    tokenizer.truncation_side = cfg.data.truncation_side
-    out: list[float] = []
-    for i in range(0, len(texts), cfg.eval.batch_size):
-        enc = tokenizer(texts[i: i + cfg.eval.batch_size], truncation=True, max_length=cfg.data.max_length,
-                        padding=True, return_tensors="pt").to(acc.device)
-        with acc.autocast():
-            out += model(**enc).logits[:, 0].float().tolist()
-    model.train(was_training)
-    return out

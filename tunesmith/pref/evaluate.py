@@ -11,7 +11,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.collate import batch_order, collate
 from tunesmith.data.formats import Example
 from tunesmith.objectives import causal_lm
-from tunesmith.pref.online import get_scorer, make_reference, make_rollout
+from tunesmith.pref.rollout import get_scorer, make_reference, make_rollout
 
 _TAX_FEATURES: dict = {}
 
@@ -43,7 +43,7 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
 
 def _tax_features(cfg: RunConfig, tokenizer) -> list[dict]:
     from tunesmith.data import load_records
-    from tunesmith.data.tokenize import tokenize
+    from tunesmith.data.tokenize import tokenize_cpt
 
     key = (cfg.pref.tax_data, cfg.data.max_length, cfg.pref.tax_blocks, tokenizer.name_or_path)
     if key not in _TAX_FEATURES:
@@ -54,11 +54,11 @@ def _tax_features(cfg: RunConfig, tokenizer) -> list[dict]:
             if isinstance(text, str) and text.strip():
                 exs.append(Example(where=rec.where, text=text))
             if len(exs) % 200 == 0 and exs:
-                feats, _ = tokenize(exs, "cpt", "text", cfg.data.model_copy(update={"packing": True}), tokenizer)
+                feats, _ = tokenize_cpt(exs, cfg.data.model_copy(update={"packing": True}), tokenizer)
                 if len(feats) >= cfg.pref.tax_blocks:
                     break
         if len(feats) < cfg.pref.tax_blocks:
-            feats, _ = tokenize(exs, "cpt", "text", cfg.data.model_copy(update={"packing": True}), tokenizer)
+            feats, _ = tokenize_cpt(exs, cfg.data.model_copy(update={"packing": True}), tokenizer)
         _TAX_FEATURES[key] = feats[: cfg.pref.tax_blocks]
     return _TAX_FEATURES[key]
 

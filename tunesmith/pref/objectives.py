@@ -11,7 +11,6 @@ margin sums, so evaluation reports accuracy and the mean reward margin.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 
@@ -23,9 +22,6 @@ from tunesmith.pref.losses import (
     orpo_odds_ratio,
     reward_pair_loss,
 )
-
-NEEDS_REFERENCE = frozenset({"dpo", "kto"})
-
 
 def lm_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts of every row: ((N,), (N,)).
@@ -93,18 +89,9 @@ def kto_objective(model, batch, pref) -> LossOut:
                    extras={"margin": float((sign * rewards).sum()), "kl": float(kl) * len(p)})
 
 
-_OBJECTIVES = {"reward": reward_objective, "dpo": dpo_objective, "orpo": orpo_objective, "kto": kto_objective}
-
-
-def pref_objective(task: str, pref):
-    if task not in _OBJECTIVES:
-        raise ValueError(f"task {task} trains online (tunesmith/pref/online.py), not with an offline objective")
-    return partial(_OBJECTIVES[task], pref=pref)
-
-
-def gradient_task(task: str) -> str:
-    """The objective the pre-training gradient check runs: online tasks check the policy's LM loss."""
-    return "sft" if task in ("ppo", "grpo") else task
+def count_weights(batch: dict[str, torch.Tensor]) -> float:
+    """Loss denominator of a preference objective: the summed weights of its pairs (or examples)."""
+    return float(batch["weight"].sum())
 
 
 def reference_context(model):

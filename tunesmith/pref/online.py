@@ -12,30 +12,21 @@ off (peft), else a frozen copy made before the first step.
 """
 from __future__ import annotations
 
-import copy
-import importlib
-import importlib.util
 import json
 import math
 import random
 import threading
 import time
-import weakref
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import get_scheduler
 
-from tunesmith.config import PROMPT_METHODS, RunConfig
-from tunesmith.errors import TrainingCancelled, TunesmithError
-from tunesmith.objectives import logits_to_keep_kind
-from tunesmith.pref.data import reward_text
+from tunesmith.config import RunConfig
+from tunesmith.errors import TrainingCancelled
 from tunesmith.pref.losses import (
     adapt_kl_coef,
-    entropy,
     gae,
     group_advantages,
     grpo_loss,
@@ -45,202 +36,11 @@ from tunesmith.pref.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from tunesmith.pref.objectives import reference_context
+from tunesmith.pref.data import encode_prompt
+from tunesmith.pref.evaluate import evaluate_policy
+from tunesmith.pref.rollout import Rollout, get_scorer, make_reference, make_rollout, policy_forward
+from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
-
-
-# ---------------------------------------------------------------- reward
-def _import_fn(spec: str):
-    """'package.module:function' or 'path/to/file.py:function' -> the function."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise TunesmithError(f"pref.reward_fn: '{spec}' should look like 'module:function' or 'file.py:function'")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise TunesmithError(f"pref.reward_fn: file not found: {path}")
-            spec_ = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ImportError as e:
-        raise TunesmithError(f"pref.reward_fn: cannot import '{target}': {e}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise TunesmithError(f"pref.reward_fn: '{target}' has no function '{name}'")
-    return fn
-
-
-class RewardScorer:
-    """The reward: a reward-model run, a classifier run (log-odds of a label), a Python function, or their sum."""
-
-    def __init__(self, cfg: RunConfig, device):
-        from tunesmith.runs import load_run, to_device
-
-        pref = cfg.pref
-        self.fn = _import_fn(pref.reward_fn) if pref.reward_fn else None
-        self.model = None
-        self.is_classifier = False
-        if pref.reward_model:
-            loaded = load_run(pref.reward_model)
-            if loaded.cfg.task not in ("reward", "classification"):
-                raise TunesmithError(f"pref.reward_model: {pref.reward_model} is a '{loaded.cfg.task}' run; "
-                                     "use a reward or classification run")
-            self.label = 0
-            if loaded.cfg.task == "classification":
-                labels = loaded.labels or []
-                if pref.reward_label not in labels:
-                    raise TunesmithError(f"pref.reward_label: {pref.reward_model} is a classifier; say which of its "
-                                         f"labels {labels} is good (got {pref.reward_label!r})")
-                self.label, self.is_classifier = labels.index(pref.reward_label), True
-            self.model = to_device(loaded.model, device).eval()
-            self.tokenizer = loaded.tokenizer
-            self.tokenizer.truncation_side = loaded.cfg.data.truncation_side
-            self.max_length = loaded.cfg.data.max_length
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str], batch_size: int = 32) -> torch.Tensor:
-        total = torch.zeros(len(completions))
-        if self.model is not None:
-            texts = [reward_text(p, c) for p, c in zip(prompts, completions)]
-            for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(texts[i: i + batch_size], truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt").to(self.device)
-                logits = self.model(**enc).logits.float()  # (B, C)
-                if self.is_classifier:  # log-odds of the good label against all others
-                    others = torch.cat([logits[:, :self.label], logits[:, self.label + 1:]], dim=-1)
-                    r = logits[:, self.label] - torch.logsumexp(others, dim=-1)
-                else:
-                    r = logits[:, 0]
-                total[i: i + len(r)] += r.cpu()
-        if self.fn is not None:
-            values = self.fn(list(prompts), list(completions))
-            if len(values) != len(completions) or not all(isinstance(v, (int, float)) for v in values):
-                raise TunesmithError(f"pref.reward_fn must return one number per completion "
-                                     f"(got {type(values).__name__} of length {len(values)} for {len(completions)})")
-            total += torch.tensor([float(v) for v in values])
-        return total
-
-
-# ---------------------------------------------------------------- rollouts
-@dataclass
-class Rollout:
-    ids: torch.Tensor  # (N, P + T) left-padded prompt, then the completion
-    attn: torch.Tensor  # (N, P + T) 1 = real token (completion tokens after EOS are 0)
-    width: int  # P: prompt width
-    mask: torch.Tensor  # (N, T) completion tokens up to and including EOS
-    prompts: list
-    texts: list[str]
-    scores: torch.Tensor  # (N,)
-    logps: torch.Tensor | None = None  # (N, T) sampling policy
-    ref_logps: torch.Tensor | None = None  # (N, T)
-    values: torch.Tensor | None = None  # (N, T)
-    entropy: torch.Tensor | None = None  # (N, T)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    return ids, attn
-
-
-def completion_mask(completion: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T)."""
-    if eos_id is None:
-        return torch.ones_like(completion)
-    is_eos = (completion == eos_id).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompt_ids: list[list[int]], cfg: RunConfig, device) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Sample one completion per prompt: (ids, attention, prompt width, completion mask)."""
-    p = cfg.pref
-    ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
-    was_training = model.training
-    model.eval()
-    gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                         temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p,
-                         max_new_tokens=p.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    width = ids.shape[1]
-    mask = completion_mask(gen[:, width:].cpu(), tokenizer.eos_token_id)
-    return gen.cpu(), torch.cat([attn, mask], dim=1), width, mask
-
-
-def policy_forward(model, ids: torch.Tensor, attn: torch.Tensor, width: int, temperature: float, method: str,
-                   value_head: nn.Module | None = None, with_entropy: bool = False):
-    """Log-probs of the completion tokens (N, T), and optionally their values (N, T) and entropies (N, T)."""
-    kwargs = {} if method in PROMPT_METHODS else {"position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
-    L = ids.shape[1]
-    # Logits only at the positions that predict a response token (width-1 .. L-2), indexed from
-    # the end so that prompt-learning's virtual tokens in front do not shift them.
-    keep = logits_to_keep_kind(model) != "none"
-    if keep:
-        kwargs["logits_to_keep"] = torch.arange(width - 1 - L, -1, device=ids.device)
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=value_head is not None, **kwargs)
-    logits = out.logits if keep else out.logits[:, -L:][:, width - 1:-1]
-    logits = logits.float() / temperature  # (N, T, V): position t-1 predicts token t
-    target = ids[:, width:].unsqueeze(-1)
-    logps = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    values = value_head(out.hidden_states[-1][:, -L:][:, width - 1:-1].float()).squeeze(-1) if value_head is not None else None
-    ent = entropy(logits.detach()) if with_entropy else None
-    return logps, values, ent
-
-
-@torch.no_grad()
-def make_rollout(model, reference, tokenizer, prompts: list, prompt_ids: list[list[int]], scorer: RewardScorer,
-                 cfg: RunConfig, acc, value_head=None) -> Rollout:
-    # Sampling and the old/reference log-probs run under the training precision: PPO's ratio
-    # exp(logp - old) must be exactly 1 before the first update, which a bf16 update pass
-    # measured against fp32 rollout log-probs is not (its noise spends the clip range).
-    device = acc.device
-    with acc.autocast():
-        ids, attn, width, mask = sample(model, tokenizer, prompt_ids, cfg, device)
-    texts = tokenizer.batch_decode([row[width:][m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
-    ro = Rollout(ids, attn, width, mask, prompts, texts, scorer(prompts, texts))
-    was_training = model.training
-    model.eval()
-    dev = (ids.to(device), attn.to(device))
-    with acc.autocast():
-        lp, v, ent = policy_forward(model, *dev, width, cfg.pref.temperature, cfg.method.name, value_head,
-                                    with_entropy=True)
-        with reference(model) as ref_model:
-            ref_lp, _, _ = policy_forward(ref_model, *dev, width, cfg.pref.temperature, cfg.method.name)
-    model.train(was_training)
-    ro.logps, ro.ref_logps, ro.entropy = lp.cpu(), ref_lp.cpu(), ent.cpu()
-    ro.values = v.cpu() if v is not None else None
-    return ro
-
-
-_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def make_reference(model):
-    """`with reference(model) as ref:` gives the frozen reference policy: the same peft model with its
-    adapter switched off (no second copy of the weights), else a frozen copy of the starting model."""
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        @contextmanager
-        def adapter_off(m):
-            with reference_context(m):
-                yield m
-        return adapter_off
-    if model not in _FROZEN:  # full / bitfit / bottleneck: a frozen copy of the start point, made once
-        _FROZEN[model] = copy.deepcopy(model).eval().requires_grad_(False)
-    frozen = _FROZEN[model]
-
-    @contextmanager
-    def start_point(m):
-        yield frozen
-    return start_point
 
 
 # ---------------------------------------------------------------- the loop
@@ -269,7 +69,7 @@ class RunningMoments:
 def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, scheduler, acc, params,
               kl_coef: float) -> dict:
     """PPO or GRPO passes over one rollout; returns the step's averaged losses."""
-    p, grpo = cfg.pref, cfg.task == "grpo"
+    p, grpo = cfg.pref, get_task(cfg.task).online == "group"
     policy, v_head = bundle["policy"], (None if grpo else bundle["value"])
     device = acc.device
     n = ro.ids.shape[0]
@@ -315,13 +115,27 @@ def _prompt_batches(n: int, size: int, seed: int, epoch: int) -> list[list[int]]
     return [idx[i: i + size] for i in range(0, n, size)]
 
 
+def _validate(model, tokenizer, data, cfg: RunConfig, acc) -> dict[str, float]:
+    """The policy on the held-out validation prompts: mean reward of one sample each (drawn with a
+    fixed seed, so every evaluation sees the same randomness), KL to the reference, length."""
+    exs = data.splits["validation"].examples
+    prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each prompt once
+    ids = [encode_prompt(q, cfg, tokenizer, data.chat) for q in prompts]
+    return evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)["metrics"]
+
+
 def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on_event=None,
                cancel: threading.Event | None = None, resume_from: Path | None = None):
-    from tunesmith.train.loop import FitResult, make_optimizer
+    """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
+    validation prompts every `eval_every` with keep-best (`checkpoints/best`) and early stopping, a
+    checkpoint at each evaluation and on cancel, and an exact `--resume`."""
+    from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
 
-    p, t, grpo = cfg.pref, cfg.train, cfg.task == "grpo"
+    p, t, grpo = cfg.pref, cfg.train, get_task(cfg.task).online == "group"
     emit = on_event or (lambda e: None)
     feats = data.splits["train"].features
+    val = data.splits.get("validation")
+    metric, greater = cfg.best_metric()
     per_step = p.rollout_prompts
     steps_per_epoch = math.ceil(len(feats) / per_step)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -341,7 +155,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
                               num_warmup_steps=int(t.warmup_ratio * total_steps * updates_per_step),
                               num_training_steps=total_steps * updates_per_step)
     params = [q for q in bundle.parameters() if q.requires_grad]
-    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef}
+    prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef,
+            "best_value": None, "best_step": None, "bad_evals": 0}
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:
         ckpt.load_weights(resume_from, bundle)
@@ -349,8 +164,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        prog = state["progress"]
-        from tunesmith.train.loop import _truncate_log
+        prog = {"best_value": None, "best_step": None, "bad_evals": 0} | state["progress"]  # older checkpoints lack them
         _truncate_log(metrics_path, prog["step"])
     moments = RunningMoments(prog["moments"])
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -362,11 +176,11 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
         emit(row)
 
     start = time.perf_counter()
-    tokens = 0
+    tokens, stop = 0, False
     model.train()
-    while prog["step"] < total_steps:
+    while prog["step"] < total_steps and not stop:
         batches = _prompt_batches(len(feats), per_step, t.seed, prog["epoch"])
-        while prog["step"] < total_steps and prog["batch"] < len(batches):
+        while prog["step"] < total_steps and prog["batch"] < len(batches) and not stop:
             chosen = [feats[i] for i in batches[prog["batch"]]]
             reps = p.num_generations if grpo else 1
             prompts = [f["prompt"] for f in chosen for _ in range(reps)]  # a prompt's group is adjacent
@@ -399,7 +213,17 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             step = prog["step"]
             save = (t.eval_every != "epoch" and step % t.eval_every == 0) or step == total_steps or \
                    (t.eval_every == "epoch" and prog["batch"] == 0)
-            if save or (cancel is not None and cancel.is_set()):
+            if save and val is not None:  # keep-best and early stopping on the held-out prompts
+                m = _validate(model, tokenizer, data, cfg, acc)
+                if _improved(m[metric], prog["best_value"], greater):
+                    ckpt.save_checkpoint(run_dir / "checkpoints" / "best", model)
+                    prog.update(best_value=m[metric], best_step=step, bad_evals=0)
+                else:
+                    prog["bad_evals"] += 1
+                stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
+                log({"kind": "eval", "step": step, "epoch": row["epoch"], **m, "early_stop": stop,
+                     "elapsed_s": round(time.perf_counter() - start, 2)})
+            if save or stop or (cancel is not None and cancel.is_set()):
                 prog["moments"] = moments.state()
                 ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", bundle, optimizer, scheduler, dict(prog))
                 ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
@@ -409,19 +233,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     if not grpo:
         torch.save(bundle["value"].state_dict(), run_dir / "value_head.pt")
     plot_rl_curves(metrics_path, run_dir / "rl_curves.png", None if grpo else p.kl_target)
-    return FitResult(steps=prog["step"], best_metric="reward", best_value=None, best_step=None, stopped_early=False,
-                     train_seconds=time.perf_counter() - start, history=history)
-
-
-_SCORERS: dict = {}
-
-
-def get_scorer(cfg: RunConfig, device) -> RewardScorer:
-    """One reward scorer per (reward model, function) in a process: loaded once, shared by training and evaluation."""
-    key = (cfg.pref.reward_model, cfg.pref.reward_label, cfg.pref.reward_fn, str(device))
-    if key not in _SCORERS:
-        _SCORERS[key] = RewardScorer(cfg, device)
-    return _SCORERS[key]
+    return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
+                     stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
 
 
 def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = None) -> None:

@@ -16,8 +16,9 @@ import torch
 
 from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.pref.data import encode_prompt, load_pref_examples, use_chat
-from tunesmith.pref.online import get_scorer, sample
+from tunesmith.pref.data import encode_prompt, use_chat
+from tunesmith.pref.rollout import get_scorer, sample
+from tunesmith.tasks.preference import load_pref_examples
 from tunesmith.utils import check_output_folder, output_folder
 
 FORMATS = ("pair", "ranking")
@@ -26,7 +27,7 @@ FORMATS = ("pair", "ranking")
 def _policy(cfg: RunConfig, policy_run: str | None, device):
     """The model to sample from: a finished run (e.g. an SFT policy) or the config's base model."""
     from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
-    from tunesmith.runs import load_run, to_device
+    from tunesmith.methods.saved import load_run, to_device
 
     if policy_run:
         loaded = load_run(policy_run)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from tunesmith.config import ONLINE_TASKS, RunConfig, dump_config, load_config
-from tunesmith.data import PreparedData, prepare_data
+from tunesmith.config import RunConfig, dump_config, load_config
+from tunesmith.data import PreparedData
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model
 from tunesmith.evaluate.report import comparison_markdown, plot_curves, plot_pref_curves, write_report
@@ -27,8 +27,7 @@ from tunesmith.methods import apply_method, check_gradients_reach, param_report,
 from tunesmith.methods.bottleneck import save_bottleneck
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
-from tunesmith.objectives import for_task
-from tunesmith.pref.objectives import NEEDS_REFERENCE, add_reference_logps, gradient_task
+from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
@@ -65,6 +64,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         ConfigError, DataError, TunesmithError for bad input (before anything is written).
     """
     cfg = _resolve_config(config, overrides)
+    task = get_task(cfg.task)
     t0, rss_start = time.perf_counter(), current_rss_mb()
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(run_dir, cfg, resume)
@@ -73,8 +73,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     set_seed(cfg.train.seed)
     base_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    data = prepare_data(cfg, tokenizer)
-    _say(_data_summary(data), on_event)
+    data = task.prepare(cfg, tokenizer)
+    _say(_data_summary(data, task), on_event)
     acc, precision = make_accelerator(cfg.train)
     quant = quantization_config(cfg.method, precision)
     model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
@@ -87,16 +87,9 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         model.to(acc.device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if cfg.task in NEEDS_REFERENCE:  # the frozen reference's log-probs, once, before the first step
-        _say("scoring the data with the reference policy ...", on_event)
-        # Under the training precision: a bf16 policy measured against an fp32 reference would start
-        # with a nonzero margin (DPO's loss 0.699, not log 2) and spend its first steps on rounding.
-        with acc.autocast():
-            for split in data.splits.values():
-                add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
+    task.before_fit(model, tokenizer, data, cfg, acc, lambda msg: _say(msg, on_event))  # e.g. DPO's reference log-probs
     with acc.autocast():  # the same precision as the training steps (a bf16 embedding needs it)
-        check_gradients_reach(model, _first_batch(data, tokenizer, acc, cfg), for_task(gradient_task(cfg.task), cfg.pref),
-                              cfg.method.name)
+        check_gradients_reach(model, _first_batch(data, tokenizer, acc, task), task.objective(cfg), cfg.method.name)
     params = param_report(model)
     quant_note = f", base quantised {cfg.method.opt('quantize')}" if quant is not None else ""
     _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)
@@ -109,9 +102,9 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     try:
         dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
-        if cfg.task in ONLINE_TASKS:
-            from tunesmith.pref.online import fit_online  # here, not at the top: pref.online imports train.checkpoint
-        fit_fn = fit_online if cfg.task in ONLINE_TASKS else fit
+        if task.online:
+            from tunesmith.pref.online import fit_online  # here, not at the top: pref.online imports train.loop
+        fit_fn = fit_online if task.online else fit
         if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
             torch.cuda.reset_peak_memory_stats()
         result = fit_fn(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
@@ -231,22 +224,19 @@ def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str)
     return out
 
 
-def _first_batch(data: PreparedData, tokenizer, acc, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    feats = data.splits["train"].features[:2]
-    if cfg.task in ONLINE_TASKS:  # the policy's own LM loss on prompts: do the trainable weights reach it?
-        feats = [{"input_ids": f["prompt_ids"], "labels": f["prompt_ids"]} for f in feats]
+def _first_batch(data: PreparedData, tokenizer, acc, task) -> dict[str, torch.Tensor]:
+    feats = task.probe(data.splits["train"].features[:2])
     batch = collate_any(feats, tokenizer.pad_token_id)
     return {k: v.to(acc.device) for k, v in batch.items()}
 
 
-def _data_summary(data: PreparedData) -> str:
+def _data_summary(data: PreparedData, task) -> str:
     parts = [f"{name} {len(s.features)}" for name, s in data.splits.items()]
     trunc = sum(s.stats.truncated for s in data.splits.values())
     labels = f", labels {data.labels}" if data.labels else ""
     chat = ", chat template" if data.chat else ""
     line = f"data: format {data.fmt}{labels}{chat}; " + ", ".join(parts) + f"; truncated {trunc}"
     train = data.splits["train"]
-    if train.examples and hasattr(train.examples[0], "responses"):
-        from tunesmith.pref.data import pref_report
-        line += f"\npreference data (train): {pref_report(train.examples, train.features)}"
+    for what, report in task.describe(train.examples, train.features).items():  # e.g. preference pairs
+        line += f"\n{what} data (train): {report}"
     return line

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunesmith.methods import trainable_state
+from tunesmith.methods.common import trainable_state
 from tunesmith.utils import atomic_folder
 
 

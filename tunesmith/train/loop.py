@@ -27,7 +27,7 @@ from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
 from tunesmith.methods import training_schedule
-from tunesmith.objectives import count_items, for_task
+from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import frozen_cache
 from tunesmith.train.averaging import WeightAverage
@@ -82,7 +82,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         resume_from: Path | None = None) -> FitResult:
     t = cfg.train
     emit = on_event or (lambda e: None)
-    objective = for_task(cfg.task, cfg.pref)
+    task = get_task(cfg.task)
+    objective = task.objective(cfg)
     feats = data.splits["train"].features
     val = data.splits.get("validation")
     lengths = [feature_length(f) for f in feats]
@@ -145,7 +146,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             group_feats = [[feats[i] for i in order[j]]
                            for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
             group = [collate_any(fs, pad_id) for fs in group_feats]
-            denom = sum(count_items(cfg.task, b) for b in group)  # loss normaliser for the whole step
+            denom = sum(task.count_items(b) for b in group)  # loss normaliser for the whole step
             for k, (batch, batch_feats) in enumerate(zip(group, group_feats)):
                 batch = {n: v.to(acc.device) for n, v in batch.items()}
                 # DDP: gradients all-reduce once per step, on the last micro-batch's backward.

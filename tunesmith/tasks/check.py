@@ -7,27 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.config import PREF_TASKS, load_config, parse_overrides
+from tunesmith.config import load_config, parse_overrides
 from tunesmith.data import load_records, resolve_labels
-from tunesmith.data.formats import detect_format, rename_columns, to_examples
-from tunesmith.data.tokenize import tokenize
+from tunesmith.data.formats import rename_columns
 from tunesmith.errors import DataError
+from tunesmith.tasks import get_task
 
 
 def check_data(path: str | Path, config: str | Path | dict | None = None,
                overrides: dict | list[str] | None = None) -> dict[str, Any]:
-    """Read, validate and tokenise one file with a run config's data settings.
+    """Read, validate and tokenise one file with a run config's data settings, as its task does.
 
     Returns:
         A report: rows, format, labels and balance, token-length stats, how many examples
-        truncation cuts, and `problems` (every bad record with file, line and field).
-        An unreadable file still raises (there is nothing to report on).
+        truncation cuts, what the task adds (preference pairs, target spread), and `problems`
+        (every bad record with file, line and field). An unreadable file still raises.
     """
     from tunesmith.models.load import load_tokenizer, resolve_model_path
 
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     ov["data.train"] = str(path)
     cfg = load_config(config, ov)
+    task = get_task(cfg.task)
     report: dict[str, Any] = {"file": str(path), "task": cfg.task, "problems": []}
     read_problems: list = []
     records, src = load_records(str(path), cfg.data, read_problems)  # malformed lines are collected, not raised
@@ -35,18 +36,16 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     if not records:
         return report
     report["rows"] = len(records) + len(read_problems)
-    if cfg.task in PREF_TASKS:
-        return _check_pref(report, records, cfg)
-    report["format"] = detect_format(rename_columns(records[0], cfg.data.columns), cfg.data)
+    report["format"] = task.detect(rename_columns(records[0], cfg.data.columns), cfg.data)
     labels = resolve_labels(cfg, records, src)
     names = labels or cfg.data.labels or src.get("labels")
     try:
-        fmt, examples = to_examples(records, cfg.task, cfg.data, labels, names)
+        fmt, examples = task.read(records, cfg, labels, names)
     except DataError as e:
         report["problems"] += [str(p) for p in e.problems]
         bad = {(p.where.path, p.where.line) for p in e.problems}
         good = [r for r in records if (r.where.path, r.where.line) not in bad]
-        fmt, examples = to_examples(good, cfg.task, cfg.data, labels, names) if good else (report["format"], [])
+        fmt, examples = task.read(good, cfg, labels, names) if good else (report["format"], [])
     report["valid_rows"] = len(examples)
     if labels:
         counts = Counter(labels[e.label] for e in examples if e.label is not None)
@@ -56,11 +55,12 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     if examples:
         tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
         try:
-            feats, stats = tokenize(examples, cfg.task, fmt, cfg.data, tok)
+            feats, stats = task.encode(examples, fmt, cfg, tok, task.chat(cfg, fmt, examples, tok))
         except DataError as e:
             report["problems"] += [str(p) for p in e.problems]
             feats, stats = [], None
-        if stats is not None:
+        report.update(task.describe(examples, feats))
+        if stats is not None and stats.lengths:
             report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
     return report
 
@@ -72,29 +72,6 @@ def _token_stats(stats, max_length: int, features: int) -> dict[str, Any]:
             "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
 
 
-def _check_pref(report: dict[str, Any], records, cfg) -> dict[str, Any]:
-    """Preference data: pairs, ties, duplicates and length bias besides the usual checks."""
-    from tunesmith.models.load import load_tokenizer, resolve_model_path
-    from tunesmith.pref.data import detect_pref_format, pref_report, to_pref_examples, tokenize_pref, use_chat
-
-    report["format"] = detect_pref_format(rename_columns(records[0], cfg.data.columns))
-    try:
-        _, examples = to_pref_examples(records, cfg)
-    except DataError as e:
-        report["problems"] += [str(p) for p in e.problems]
-        bad = {(p.where.path, p.where.line) for p in e.problems}
-        good = [r for r in records if (r.where.path, r.where.line) not in bad]
-        examples = to_pref_examples(good, cfg)[1] if good else []
-    report["valid_rows"] = len(examples)
-    if examples:
-        tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-        feats, stats = tokenize_pref(examples, cfg, tok, use_chat(cfg, examples, tok))
-        report["preference"] = pref_report(examples, feats)
-        if stats.lengths:
-            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
-    return report
-
-
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"file: {r['file']}", f"task: {r['task']}"]
     if "rows" in r:
@@ -104,6 +81,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("labels: " + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in r["labels"].items()))
     if r.get("duplicates"):
         lines.append(f"duplicate texts: {r['duplicates']}")
+    if r.get("targets"):
+        lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in r["targets"].items()))
     if r.get("preference"):
         p = r["preference"]
         lines.append("preference: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items()))

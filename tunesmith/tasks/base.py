@@ -1,0 +1,157 @@
+"""The shape of a task, and the helpers several tasks share (greedy generation, a head's outputs).
+
+A task is one frozen dataclass of functions: no base class to subclass, nothing to override.
+The core (data, train, evaluate, runs, cli) calls these functions and never compares names.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from tunesmith.config import DataConfig, RunConfig
+from tunesmith.data import PreparedData, Split, split_examples
+from tunesmith.data.collate import batch_order
+from tunesmith.data.formats import detect_format
+from tunesmith.data.readers import Record
+from tunesmith.data.tokenize import TokenStats, render_prompt
+from tunesmith.methods.folded import lora_folded
+from tunesmith.objectives import LossOut
+
+Predicts = Literal["classify", "score", "generate"]
+# What a server may offer for a model: OpenAI's chat/completions for generative tasks,
+# /classify and /v1/embeddings for encoder classifiers, scoring for reward models.
+Endpoint = Literal["chat", "completions", "classify", "score", "embeddings"]
+Head = Literal["labels", "scalar"]
+Batch = dict[str, torch.Tensor]
+Objective = Callable[[Any, Batch], LossOut]
+GENERATE = frozenset({"chat", "completions"})
+
+
+@dataclass
+class Sums:
+    """What evaluation adds up over the objective's batches; a task's `summarise` makes metrics of it."""
+
+    loss: float = 0.0  # summed loss
+    count: int = 0  # items the objective counted (examples, target tokens, pairs)
+    items: float = 0.0  # the loss denominator (the task's count_items: e.g. pair weights)
+    correct: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # per batch: the head's outputs (B, C)
+    targets: list[torch.Tensor] = field(default_factory=list)  # per batch: batch["label"] (B,)
+
+    def add(self, out: LossOut, batch: Batch, items: float) -> None:
+        self.loss += float(out.loss_sum)
+        self.count += out.count
+        self.items += items
+        self.correct += out.correct
+        for k, v in out.extras.items():
+            self.extras[k] = self.extras.get(k, 0.0) + v
+        if out.logits is not None:
+            self.outputs.append(out.logits.float().cpu())
+            self.targets.append(batch["label"].cpu())
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the rest of tunesmith asks of a task. See docs/TASKS.md for how to add one."""
+
+    name: str
+    predicts: Predicts  # how a trained run answers: labels + probabilities, a number, or text
+    serves: frozenset[str]  # the Endpoints a served model of this task offers
+    head: Head | None  # models/load.py: a sequence classifier (a label head, or one scalar), or a causal LM
+    formats: frozenset[str]  # record shapes it reads (data/formats.py, pref/data.py)
+    metrics: dict[str, bool]  # metric -> greater is better (train.metric may name any of them)
+    best_metric: str  # the default for keep-best and early stopping
+    # (records, cfg, labels, label names) -> (format, examples); raises DataError naming file, line, field
+    read: Callable[[list[Record], RunConfig, list[str] | None, list[str] | None], tuple[str, list[Any]]]
+    # (examples, format, cfg, tokenizer, chat) -> (features, token stats); collate pads the features
+    encode: Callable[[list[Any], str, RunConfig, Any, bool], tuple[list[dict], TokenStats]]
+    objective: Callable[[RunConfig], Objective]  # (model, batch) -> loss as a sum, with its counts
+    count_items: Callable[[Batch], float]  # the loss denominator of a batch, known before the forward pass
+    summarise: Callable[[Sums, list[str] | None], dict[str, Any]]  # metrics from the objective's sums
+    sample_inputs: Callable[[RunConfig, list[Any]], list[str]]  # the before/after table's inputs from examples
+    # (model, tokenizer, texts, cfg, chat, labels, acc) -> one dict per text, as `tunesmith predict` prints
+    predict: Callable[..., list[dict]]
+    # trains by rollouts (pref/online.py), not in the ordinary loop: "critic" learns a value head
+    # (PPO), "group" compares samples of the same prompt (GRPO)
+    online: Literal["critic", "group"] | None = None
+    chat: Callable[[RunConfig, str, list[Any], Any], bool] = lambda cfg, fmt, exs, tok: False  # chat template?
+    detect: Callable[[dict[str, Any], DataConfig], str] = detect_format  # the format a record looks like
+    check: Callable[[RunConfig], list[str]] = lambda cfg: []  # the task's own config problems
+    # (result, model, tokenizer, data, cfg, acc, split): metrics beyond the objective's (generations, policy reward)
+    evaluate_more: Callable[..., None] = lambda *args: None
+    # (model, tokenizer, data, cfg, acc, say): once before the first step (DPO/KTO: reference log-probs)
+    before_fit: Callable[..., None] = lambda *args: None
+    probe: Callable[[list[dict]], list[dict]] = lambda feats: feats  # what the pre-training gradient check runs
+    describe: Callable[[list[Any], list[dict]], dict[str, Any]] = lambda exs, feats: {}  # `data check` extras
+
+    def prepare(self, cfg: RunConfig, tokenizer) -> PreparedData:
+        """The whole data pipeline for a run: read, validate, split, tokenise.
+
+        Raises:
+            TunesmithError / DataError naming file, line and field for any bad input.
+        """
+        fmt, labels, split_exs = split_examples(cfg, self.read)
+        chat = self.chat(cfg, fmt, [e for exs in split_exs.values() for e in exs], tokenizer)
+        splits = {name: Split(exs, *self.encode(exs, fmt, cfg, tokenizer, chat)) for name, exs in split_exs.items()}
+        return PreparedData(fmt=fmt, labels=labels, chat=chat, splits=splits)
+
+
+# ---------------------------------------------------------------- shared by several tasks
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], acc: Accelerator, max_new_tokens: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; returns only new text."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    with lora_folded(model):
+        for idxs in batch_order([len(p) for p in prompts], batch_size, shuffle=False):
+            width = max(len(prompts[i]) for i in idxs)
+            ids = torch.full((len(idxs), width), pad, dtype=torch.long)  # (B, T) left-padded
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idxs):
+                n = len(prompts[i])
+                ids[row, width - n:] = torch.tensor(prompts[i])
+                mask[row, width - n:] = 1
+            with acc.autocast():
+                gen = model.generate(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            for row, i in enumerate(idxs):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out
+
+
+def generate_replies(model, tokenizer, texts: list[str], cfg: RunConfig, chat: bool, labels, acc) -> list[dict]:
+    """`predict` for generative tasks: each text is a prompt, rendered as in training."""
+    prompts = [tokenizer(render_prompt(t, cfg.data, tokenizer, chat), add_special_tokens=not chat)["input_ids"]
+               for t in texts]
+    gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    return [{"input": t, "output": g} for t, g in zip(texts, gens)]
+
+
+@torch.no_grad()
+def head_outputs(model, tokenizer, texts: list[str], cfg: RunConfig, acc: Accelerator, batch_size: int) -> torch.Tensor:
+    """A sequence classifier's outputs for raw texts, (N, C) float, cut as in training."""
+    was_training = model.training
+    model.eval()
+    tokenizer.truncation_side = cfg.data.truncation_side
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i: i + batch_size], truncation=True, max_length=cfg.data.max_length, padding=True,
+                        return_tensors="pt")
+        with acc.autocast():
+            out.append(model(input_ids=enc["input_ids"].to(acc.device),
+                             attention_mask=enc["attention_mask"].to(acc.device)).logits.float())  # (B, C)
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def first_words(text: str | None, n: int = 12) -> str:
+    return " ".join((text or "").split()[:n])

@@ -1,0 +1,35 @@
+"""sft: supervised fine-tuning of a causal LM on prompt -> answer; loss on the answer's tokens only."""
+from __future__ import annotations
+
+from tunesmith.data.formats import read_examples
+from tunesmith.data.tokenize import tokenize_sft, use_chat_template
+from tunesmith.objectives import causal_lm, count_targets
+from tunesmith.tasks.base import GENERATE, Task, generate, generate_replies
+from tunesmith.tasks.metrics import lm_metrics, match_metrics
+
+FORMATS = frozenset({"prompt_completion", "instruction", "chat"})
+LM_METRICS = {"loss": False, "perplexity": False, "token_accuracy": True}
+
+
+def evaluate_more(result: dict, model, tokenizer, data, cfg, acc, split: str) -> None:
+    """Generate an answer to every held-out prompt and score exact match / containment."""
+    if not cfg.eval.generate_metrics:
+        return
+    feats = data.splits[split].features[: cfg.eval.max_examples]
+    prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
+    gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    result["metrics"].update(match_metrics(gens, [f["reference"] for f in feats]))
+    result["generations"] = [{"reference": f["reference"], "output": g} for f, g in zip(feats, gens)]
+
+
+TASK = Task(
+    name="sft", predicts="generate", serves=GENERATE, head=None, formats=FORMATS, metrics=LM_METRICS,
+    best_metric="loss",
+    read=lambda records, cfg, labels, names: read_examples(records, cfg.task, FORMATS, cfg.data, None, names),
+    encode=lambda examples, fmt, cfg, tokenizer, chat: tokenize_sft(examples, fmt, cfg.data, tokenizer),
+    chat=lambda cfg, fmt, examples, tokenizer: use_chat_template(cfg.data, fmt, tokenizer),
+    objective=lambda cfg: causal_lm, count_items=count_targets,
+    summarise=lambda s, labels: lm_metrics(s.loss, s.count, s.correct),
+    sample_inputs=lambda cfg, examples: [e.prompt if e.messages is None else e.messages[-2]["content"] for e in examples],
+    predict=generate_replies, evaluate_more=evaluate_more,
+)
