@@ -13,6 +13,8 @@ from pathlib import Path
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
+from tunesmith.methods.diff_pruning import CONFIG_FILE as DIFF_CONFIG
+from tunesmith.methods.diff_pruning import diff_info
 from tunesmith.utils import folder_bytes, output_folder
 
 MERGEABLE = {"LORA", "IA3", "LOHA", "LOKR"}  # linear updates that fold into the base weights
@@ -20,7 +22,7 @@ COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare
 
 
 def _saved_folder(path: Path) -> Path | None:
-    for sub in ("adapter", "bottleneck", "model"):
+    for sub in ("adapter", "bottleneck", "diff", "model"):
         if (path / sub).is_dir():
             return path / sub
     return None
@@ -37,7 +39,7 @@ def adapter_info(path: str | Path) -> dict:
     folder = _saved_folder(path) if run is not None else path
     if folder is None or not folder.is_dir():
         raise TunesmithError(f"{path}: no adapter or model here (expected a run folder, or a folder with "
-                             "adapter_config.json or tunesmith_adapter.json)")
+                             f"adapter_config.json, {BOTTLENECK_CONFIG} or {DIFF_CONFIG})")
     info: dict = {"path": str(path), "folder": str(folder), "size_bytes": folder_bytes(folder)}
     if (folder / "adapter_config.json").is_file():
         info.update(_peft_info(json.loads((folder / "adapter_config.json").read_text())))
@@ -46,6 +48,8 @@ def adapter_info(path: str | Path) -> dict:
         info.update({"kind": "bottleneck adapter (tunesmith format)", "method": "adapter", "mergeable": False,
                      "base_model": meta["base_model_name_or_path"], "task": meta["task"],
                      "adapter_size": meta["adapter_size"], "placement": meta["placement"], "layers": meta.get("layers")})
+    elif (folder / DIFF_CONFIG).is_file():
+        info.update(diff_info(folder))
     elif (folder / "config.json").is_file():
         info.update({"kind": "full model (transformers format)", "mergeable": False})
     else:
@@ -92,7 +96,7 @@ def list_adapters(root: str | Path) -> list[dict]:
     for p in candidates:
         if any(p.is_relative_to(f["path"]) for f in found if Path(f["path"]) != p):
             continue  # the adapter/ folder inside a run already listed
-        if (p / "run.json").is_file() or (p / "adapter_config.json").is_file() or (p / BOTTLENECK_CONFIG).is_file():
+        if any((p / f).is_file() for f in ("run.json", "adapter_config.json", BOTTLENECK_CONFIG, DIFF_CONFIG)):
             found.append(adapter_info(p))
     return found
 
@@ -101,9 +105,14 @@ def format_info(info: dict) -> str:
     mb = lambda b: f"{b / 2**20:.2f} MB" if b is not None else "?"  # noqa: E731
     lines = [f"{info['path']}", f"  kind:        {info['kind']}", f"  method:      {info.get('method', '?')}"]
     for key in ("task", "base_model", "quantize", "r", "alpha", "rslora", "target_modules", "feedforward_modules",
-                "layers", "num_virtual_tokens", "adapter_size", "placement", "modules_to_save", "labels", "combined_from"):
+                "layers", "num_virtual_tokens", "adapter_size", "placement", "mode", "density", "modules_to_save",
+                "labels", "combined_from"):
         if info.get(key) not in (None, [], "none"):
             lines.append(f"  {key + ':':<12} {info[key]}")
+    if info.get("changed_entries") is not None:
+        lines.append(f"  changed:     {info['changed_entries']:,} of {info['chosen_entries']:,} entries of the chosen "
+                     f"weights; {100 * info['changed_entries'] / info['body_params']:.3f}% of the body's "
+                     f"{info['body_params']:,} weights; diff file {mb(info['diff_bytes'])}")
     lines.append(f"  size:        {mb(info['size_bytes'])} ({info['folder']})")
     if info.get("params"):
         p = info["params"]
@@ -119,7 +128,8 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Fold a run's adapter into the full-precision base and save a plain transformers model.
 
     An adapter trained on a 4-bit or 8-bit base merges onto the full-precision base (the usual
-    QLoRA deployment path). Prompt-learning and bottleneck adapters cannot be merged.
+    QLoRA deployment path). A sparse diff (diff pruning) is added into the base weights.
+    Prompt-learning and bottleneck adapters cannot be merged.
     """
     from tunesmith.runs import load_run
 
@@ -129,10 +139,14 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
                              f"{info['folder']}; load that folder directly")
     if not info.get("mergeable"):
         raise TunesmithError(f"{run}: a {info.get('method')} adapter cannot be merged into the base weights "
-                             "(only LoRA, DoRA, IA3, LoHa and LoKr updates are linear in the weights); serve it "
+                             "(only LoRA, DoRA, IA3, LoHa and LoKr updates and sparse diffs are linear in the "
+                             "weights); serve it "
                              "with its base instead")
+    from peft import PeftModel
+
     loaded = load_run(run, quantized=False)
-    merged = loaded.model.merge_and_unload()
+    # load_run adds a sparse diff into the base weights already; a peft adapter is folded in here.
+    merged = loaded.model.merge_and_unload() if isinstance(loaded.model, PeftModel) else loaded.model
     with output_folder(Path(out), overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

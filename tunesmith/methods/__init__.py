@@ -4,6 +4,7 @@ loop, checkpoints and evaluation only look at `requires_grad`, so methods live h
   full, head, bitfit, selective -> selective.py   (a subset of the model's own weights)
   lora family, ia3, prefix, prompt, ptuning -> peft_methods.py   (peft adapters)
   adapter -> bottleneck.py   (our Houlsby / Pfeiffer bottleneck adapters)
+  diff_pruning -> diff_pruning.py   (a sparse diff over frozen weights; the loop runs its schedule)
 Quantised bases (QLoRA, LoRA + int8) are loaded by models/quant.py before a method applies.
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def param_report(model: nn.Module) -> ParamReport:
 
 
 def saved_as(method: str) -> str:
-    """Run sub-folder a method's result is saved in: adapter (peft), bottleneck (ours) or model (transformers)."""
-    return "adapter" if method in PEFT_METHODS else "bottleneck" if method == "adapter" else "model"
+    """Run sub-folder a method's result is saved in: adapter (peft), bottleneck or diff (ours), or model (transformers)."""
+    if method in PEFT_METHODS:
+        return "adapter"
+    return {"adapter": "bottleneck", "diff_pruning": "diff"}.get(method, "model")
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path: str | None = None) -> nn.Module:
@@ -66,6 +69,10 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path
         return selective.apply_bitfit(model, cfg, task)
     if cfg.name == "selective":
         return selective.apply_selective(model, cfg, task)
+    if cfg.name == "diff_pruning":
+        from tunesmith.methods.diff_pruning import apply_diff_pruning
+
+        return apply_diff_pruning(model, cfg, task)
     if cfg.name == "adapter":
         from tunesmith.methods.bottleneck import add_bottleneck_adapters
 
@@ -77,6 +84,15 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path
     from tunesmith.methods.peft_methods import apply_peft
 
     return apply_peft(model, cfg, task, tokenizer_path)
+
+
+def training_schedule(model: nn.Module, cfg: MethodConfig):
+    """What a method asks of the loop beyond requires_grad: diff pruning's penalty and mask step; None for others."""
+    if cfg.name != "diff_pruning":
+        return None
+    from tunesmith.methods.diff_pruning import schedule_for
+
+    return schedule_for(model, cfg)
 
 
 def check_gradients_reach(model: nn.Module, batch: dict[str, torch.Tensor],

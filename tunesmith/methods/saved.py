@@ -65,7 +65,8 @@ def _as_trained(cfg: RunConfig, info: dict) -> RunConfig:
 
 
 def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
-    """Load a run's trained model: base + peft adapter, base + bottleneck adapters, or the saved model."""
+    """Load a run's trained model: base + peft adapter, base + bottleneck adapters, base + its sparse
+    diff added into the weights (diff pruning), or the saved model."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise TunesmithError(f"{run_dir}: not a finished tunesmith run (no run.json / config.yaml)")
@@ -80,6 +81,11 @@ def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
     elif (run_dir / "bottleneck").is_dir():
         tok = load_tokenizer(str(run_dir / "bottleneck"))
         model = load_bottleneck(load_base(cfg, labels, tok.pad_token_id), run_dir / "bottleneck")
+    elif (run_dir / "diff").is_dir():
+        from tunesmith.methods.diff_pruning import load_diff
+
+        tok = load_tokenizer(str(run_dir / "diff"))
+        model = load_diff(load_base(cfg, labels, tok.pad_token_id, quantized=False), run_dir / "diff")
     else:
         tok = load_tokenizer(str(run_dir / "model"))
         model = load_model(str(run_dir / "model"), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)

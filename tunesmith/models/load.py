@@ -49,11 +49,12 @@ def resolve_model_path(name: str) -> str:
 
 def _run_model(run: Path) -> Path:
     """A finished run as a base for the next one (continued training, or LP-FT: head first on the
-    frozen-bottom cache, then LoRA): the whole model it saved. An adapter run has no whole model
-    until it is merged, and starting from its base would silently drop what it learned."""
+    frozen-bottom cache, then LoRA): the whole model it saved. An adapter run (peft, bottleneck, or
+    a diff-pruning diff) has no whole model until it is merged, and starting from its base would
+    silently drop what it learned."""
     if (run / "model" / "config.json").is_file():
         return run / "model"
-    if (run / "adapter").is_dir() or (run / "bottleneck").is_dir():
+    if (run / "adapter").is_dir() or (run / "bottleneck").is_dir() or (run / "diff").is_dir():
         raise TunesmithError(f"{run}: this run saved an adapter, not a whole model; merge it first "
                              f"(tunesmith merge {run} --out FOLDER) and start from FOLDER")
     raise TunesmithError(f"{run}: a run folder without a saved model (no model/config.json)")

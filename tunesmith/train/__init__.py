@@ -203,10 +203,18 @@ def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_eve
 
 
 def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str) -> Path:
-    """peft methods -> run/adapter (peft format); bottleneck adapters -> run/bottleneck (ours);
-    methods that change the model's own weights -> run/model (transformers format). Tokenizer beside it."""
+    """peft methods -> run/adapter (peft format); bottleneck adapters -> run/bottleneck and diff pruning
+    -> run/diff (ours); methods that change the model's own weights -> run/model (transformers format).
+    Tokenizer beside it."""
     out = run_dir / saved_as(cfg.method.name)
-    if out.name == "bottleneck":
+    if out.name == "diff":
+        from tunesmith.methods.diff_pruning import save_diff
+
+        save_diff(model, out, {"method": "diff_pruning", "mode": cfg.method.opt("mode"),
+                               "density": cfg.method.opt("density"), "mask_at": cfg.method.opt("mask_at"),
+                               "target_modules": cfg.method.opt("target_modules"),
+                               "base_model_name_or_path": base_path, "task": cfg.task})
+    elif out.name == "bottleneck":
         save_bottleneck(model, out, {"method": "adapter", "adapter_size": cfg.method.opt("adapter_size"),
                                      "placement": cfg.method.opt("placement"), "layers": cfg.method.layers,
                                      "base_model_name_or_path": base_path, "task": cfg.task})

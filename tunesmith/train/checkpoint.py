@@ -33,16 +33,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, model, optimizer=None, scheduler=None, progress: dict[str, Any] | None = None,
-                    ema=None) -> None:
+                    ema=None, method=None) -> None:
     """Atomically write a checkpoint folder: weights.pt, plus state.pt when an optimizer is given
     (without one it is a weights-only copy, as kept for the best validation step). weights.pt holds
-    the raw training weights; a weight average, if any, goes into state.pt."""
+    the raw training weights; a weight average, if any, and a method's own state (diff pruning's
+    mask) go into state.pt."""
     with atomic_folder(folder) as tmp:
         torch.save(trainable_state(model), tmp / "weights.pt")
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": rng_state(), "progress": progress,
-                        **({"ema": ema.state_dict()} if ema is not None else {})}, tmp / "state.pt")
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
+                        **({"method": method.state_dict()} if method is not None else {})}, tmp / "state.pt")
 
 
 def load_weights(folder: Path, model) -> None:

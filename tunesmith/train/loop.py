@@ -26,6 +26,7 @@ from tunesmith.data import PreparedData
 from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
+from tunesmith.methods import training_schedule
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import frozen_cache
@@ -49,14 +50,18 @@ def make_optimizer(model, cfg: RunConfig, device: str = "cpu") -> torch.optim.Op
     """AdamW (torch, or bitsandbytes 8-bit/paged); no weight decay on biases and norms (1-D tensors)."""
     from tunesmith.models.quant import make_optimizer_class
 
-    decay, no_decay, lora_b = [], [], []
+    from tunesmith.methods.diff_pruning import GATE_LR
+
+    decay, no_decay, lora_b, gates = [], [], [], []
     ratio = cfg.method.opt("lr_ratio") if cfg.method.name in ("lora", "dora", "qlora") else 1.0
     for name, p in model.named_parameters():
         if p.requires_grad:
-            # LoRA+: peft names the up-projections lora_B.<adapter>.weight
-            (lora_b if ratio != 1.0 and ".lora_B." in name else no_decay if p.ndim < 2 else decay).append(p)
+            # LoRA+: peft names the up-projections lora_B.<adapter>.weight; diff pruning's gates are *.log_alpha
+            (lora_b if ratio != 1.0 and ".lora_B." in name else gates if name.endswith(".log_alpha")
+             else no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": lora_b, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr * ratio}]
+              {"params": lora_b, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr * ratio},
+              {"params": gates, "weight_decay": 0.0, "lr": GATE_LR}]
     cls, note = make_optimizer_class(cfg.train.optimizer, device)
     if note:
         print(note, flush=True)
@@ -95,6 +100,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    schedule = training_schedule(acc.unwrap_model(model), cfg.method)  # diff pruning: L0 penalty, mask step
     ema = WeightAverage(params, t.ema_decay) if t.ema_decay else None
     averaged = ema.applied if ema is not None else nullcontext  # what evaluation and the kept model see
     frozen, why = frozen_cache.plan(acc.unwrap_model(model), cfg, [feats, val.features if val is not None else []])
@@ -115,6 +121,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         ckpt.set_rng_state(state["rng"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if schedule is not None:
+            schedule.load_state_dict(state["method"])
         prog = {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
         _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -146,6 +154,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     with acc.autocast(), from_frozen(batch_feats, batch):
                         out = objective(model, batch)
                         loss = out.loss_sum / (denom if denom > 0 else 1)
+                        if schedule is not None:  # a per-step penalty, spread over the micro-batches
+                            loss = loss + schedule.penalty() / len(group)
                     acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
                 for k, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
@@ -159,6 +169,11 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
+            if schedule is not None and schedule.step(prog["step"] + 1, total_steps):
+                # From here on the model is the pruned one: evaluations of the unpruned diff no longer count.
+                prog.update(best_value=None, best_step=None, bad_evals=0)
+                emit({"kind": "message", "text": schedule.describe()})
+                bar.write(schedule.describe())
             prog["step"] += 1
             prog["batch"] += len(group)
             step = prog["step"]
@@ -198,11 +213,13 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     bar.write(f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
                 row["elapsed_s"] = round(time.perf_counter() - start, 2)  # training clock incl. evals: time-to-accuracy
                 log(row)
-                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog), ema=ema)
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog), ema=ema,
+                                     method=schedule)
                 ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
                 emit({"kind": "checkpoint", "step": step})
             if cancel is not None and cancel.is_set():
-                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog), ema=ema)
+                ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler,
+                                     dict(prog), ema=ema, method=schedule)
                 bar.close()
                 raise TrainingCancelled(f"cancelled at step {step}; resume with --resume")
             if epoch_done:
