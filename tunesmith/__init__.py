@@ -1,4 +1,9 @@
 """tunesmith: fine-tune a pretrained language model on your own data, locally, and prove it got better."""
+import logging
+import sys
+import types
+import warnings
+
 from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import ConfigError, DataError, TrainingCancelled, TunesmithError
 
@@ -6,17 +11,53 @@ __all__ = ["RunConfig", "load_config", "train", "evaluate", "predict", "check_da
            "TunesmithError", "ConfigError", "DataError", "TrainingCancelled"]
 __version__ = "0.1.0"
 
+# peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class _QuantKernelNote(logging.Filter):
+    """bitsandbytes logs, on import, that its optional CPU 4-bit kernel (the `kernels` package) is
+    missing. Every command imports it through peft, and only a quantised base uses that kernel,
+    so the line is held back here and shown by models/quant.py when a run quantises."""
+
+    held: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            _QuantKernelNote.held = record.getMessage()
+            return False
+        return True
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuantKernelNote())
+
+# The API's entry points, loaded on first use so `import tunesmith` and `tunesmith --help` stay
+# fast: name -> (module, attribute).
+_LAZY = {"train": ("tunesmith.train", "train"), "evaluate": ("tunesmith.runs", "evaluate"),
+         "predict": ("tunesmith.runs", "predict"), "check_data": ("tunesmith.data.check", "check_data")}
+
 
 def __getattr__(name: str):
-    # The heavy entry points import torch/transformers; load them on first use so
-    # `import tunesmith` and `tunesmith --help` stay fast.
-    if name == "train":
-        from tunesmith.train import train
-        return train
-    if name in {"evaluate", "predict"}:
-        from tunesmith import runs
-        return getattr(runs, name)
-    if name == "check_data":
-        from tunesmith.data.check import check_data
-        return check_data
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(name)
+
+
+class _Package(types.ModuleType):
+    """`train` and `evaluate` are both API functions and subpackages (tunesmith/train/,
+    tunesmith/evaluate/). Importing a subpackage makes Python set it as an attribute of this
+    package, which would shadow the function for `from tunesmith import train`. The function
+    wins: the attribute is left unset, so `__getattr__` above returns the function, while
+    `import tunesmith.train.loop` and `from tunesmith.train import checkpoint` still find the
+    subpackages in sys.modules."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

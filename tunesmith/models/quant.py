@@ -6,6 +6,7 @@ way the QLoRA recipe does (norms and head in fp32, input gradients on for adapte
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -23,6 +24,11 @@ def _require_bitsandbytes() -> None:
         raise TunesmithError("a quantised base needs bitsandbytes: pip install bitsandbytes") from None
     # bitsandbytes' int8 matmul casts fp32 inputs to fp16 on every call and says so each time.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    from tunesmith import _QuantKernelNote
+
+    if _QuantKernelNote.held:  # held back at import (tunesmith/__init__.py): it matters now
+        print(f"note: {_QuantKernelNote.held}", file=sys.stderr)
+        _QuantKernelNote.held = None
 
 
 # Kept in full precision: output layers, and a classifier's new head, which starts random and
