@@ -131,11 +131,15 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise TunesmithError(f"{run}: a {info.get('method')} adapter cannot be merged into the base weights "
                              "(only LoRA, DoRA, IA3, LoHa and LoKr updates are linear in the weights); serve it "
                              "with its base instead")
+    from tunesmith.runs import MERGED_CONFIG
+
     loaded = load_run(run, quantized=False)
     merged = loaded.model.merge_and_unload()
     with output_folder(Path(out), overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        # the run's task, columns and template travel with the weights: predict/eval on the folder use them
+        shutil.copyfile(Path(run) / "config.yaml", tmp / MERGED_CONFIG)
     return Path(out)
 
 

@@ -7,6 +7,7 @@ Each field's description is its documentation (`tunesmith config --doc` prints t
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -528,12 +529,12 @@ def _absolute(field: str, value: Any, base: Path) -> Any:
         return f"{_absolute('pref.reward_model', file, base)}:{fn}" if sep and file.endswith(".py") else value
     p = Path(value).expanduser()
     if p.is_absolute():
-        return str(p)
+        return os.path.normpath(p)
     here, cwd = base / p, Path.cwd() / p
     if field == "model.name_or_path" and not (here.exists() or cwd.exists() or value.startswith(".")
                                               or value.endswith(".gguf")):
         return value  # a hub id such as 'org/name'
-    return str(here if here.exists() or not cwd.exists() else cwd)
+    return os.path.normpath(here if here.exists() or not cwd.exists() else cwd)  # no 'a/../b'; symlinks kept
 
 
 def _field_info(dotted: str):

@@ -43,7 +43,9 @@ def comparison_markdown(before: dict | None, after: dict) -> str:
 
 def single_markdown(result: dict) -> str:
     """One model's evaluation (for `tunesmith eval`): headline metrics and sample outputs."""
-    lines = [f"Evaluated {result['examples']} examples.", "", "| metric | value |", "|---|---|"]
+    lines = [f"Evaluated {result['examples']} examples.", ""]
+    lines += [f"> warning: {w}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
+    lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(result['metrics'][k])} |" for k in _HEADLINE if k in result["metrics"]]
     lines += ["", "| input | output |", "|---|---|"]
     lines += [f"| {_short(s['input'], 70).replace('|', '/')} | {_cell(s)} |" for s in result["samples"]]

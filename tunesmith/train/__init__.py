@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from tunesmith.config import ONLINE_TASKS, RunConfig, dump_config, load_config
+from tunesmith.config import ONLINE_TASKS, RunConfig, check_inputs_exist, dump_config, load_config
 from tunesmith.data import PreparedData, prepare_data
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.evaluate import evaluate_model
 from tunesmith.evaluate.report import comparison_markdown, plot_curves, plot_pref_curves, write_report
 from tunesmith.data.collate import collate_any
@@ -44,13 +44,25 @@ class RunResult:
 
 
 def _say(msg: str, on_event: EventFn | None) -> None:
-    print(msg, flush=True)
     if on_event:
         on_event({"kind": "message", "text": msg})
 
 
+def _events(on_event: EventFn | None, echo: bool) -> EventFn | None:
+    """The caller's event callback, plus printing the messages to stdout when `echo` (the CLI)."""
+    if not echo:
+        return on_event
+
+    def emit(event: dict[str, Any]) -> None:
+        if event.get("kind") == "message":
+            print(event["text"], flush=True)
+        if on_event:
+            on_event(event)
+    return emit
+
+
 def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | None = None, *, resume: bool = False,
-          on_event: EventFn | None = None, cancel: threading.Event | None = None) -> RunResult:
+          on_event: EventFn | None = None, cancel: threading.Event | None = None, echo: bool = False) -> RunResult:
     """Fine-tune according to `config` and write a run folder.
 
     Args:
@@ -58,13 +70,18 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         overrides: {'train.lr': 1e-4} or ['--train.lr=1e-4'].
         resume: continue from the run folder's latest checkpoint.
         on_event: called with dicts (kind: message/train/eval/checkpoint/done) as training goes.
-        cancel: set it from another thread to stop after a checkpoint (raises TrainingCancelled).
+        cancel: set it from another thread (or a signal handler) to stop at the next step boundary
+            after saving a checkpoint (raises TrainingCancelled; `resume=True` continues).
+        echo: also print progress messages and the before/after tables to stdout (the CLI does;
+            the API leaves stdout alone and sends them to `on_event`; the progress bar is on stderr).
     Returns:
         RunResult with the before/after evaluations and the run summary.
     Raises:
         ConfigError, DataError, TunesmithError for bad input (before anything is written).
     """
     cfg = _resolve_config(config, overrides)
+    check_inputs_exist(cfg)
+    on_event = _events(on_event, echo)
     t0, rss_start = time.perf_counter(), current_rss_mb()
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(run_dir, cfg, resume)
@@ -99,6 +116,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)
     _say(f"device {acc.device}, precision {precision}, threads {torch.get_num_threads()}", on_event)
 
+    if cancel is not None and cancel.is_set():
+        raise TrainingCancelled("stopped before training started; nothing was written")
     if resume_from is None and run_dir.exists():
         shutil.rmtree(run_dir)  # output.overwrite: replaced only now that the new run has loaded
     created = not run_dir.exists()
@@ -171,8 +190,9 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
     return None
 
 
-# Settings that change how fast a run goes, not what it computes: free to change on resume.
-_SPEED_ONLY = frozenset({"train.frozen_cache_gb"})
+# Settings that change how fast a run goes or how often it saves, not what it computes: free to
+# change on resume (e.g. resuming on a machine with another core count).
+_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints"})
 
 
 def _config_changes(saved: dict, now: dict) -> list[str]:
