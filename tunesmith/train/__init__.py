@@ -21,7 +21,7 @@ from tunesmith.config import ONLINE_TASKS, RunConfig, check_inputs_exist, dump_c
 from tunesmith.data import PreparedData, prepare_data
 from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.evaluate import evaluate_model
-from tunesmith.evaluate.report import comparison_markdown, plot_curves, plot_pref_curves, write_report
+from tunesmith.evaluate.report import comparison_markdown, model_card, plot_curves, plot_pref_curves, write_report
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
@@ -29,10 +29,15 @@ from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.objectives import for_task
 from tunesmith.pref.objectives import NEEDS_REFERENCE, add_reference_logps, gradient_task
+from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
+
+
+# Below this many validation examples, keep-best picks a checkpoint on noise: say so.
+SMALL_VALIDATION = 30
 
 
 @dataclass
@@ -92,6 +97,11 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     _say(_data_summary(data), on_event)
+    val = data.splits.get("validation")
+    if val is not None and len(val.features) < SMALL_VALIDATION and (cfg.train.load_best or cfg.train.early_stopping_patience):
+        _say(f"warning: the validation split has only {len(val.features)} examples: keep-best and early stopping "
+             f"choose on its noise (one example moves accuracy by {1 / len(val.features):.2f}); give data.val_size "
+             f"or a validation file of {SMALL_VALIDATION}+ examples, or set train.load_best=false", on_event)
     acc, precision = make_accelerator(cfg.train)
     quant = quantization_config(cfg.method, precision)
     model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
@@ -157,8 +167,14 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
         "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
         "stopped_early": result.stopped_early, "status": "completed",
+        # the trained model's score on the held-out split, as in the report
+        "final_split": after["split"], "final_metric": result.best_metric,
+        "final_value": after["metrics"].get(result.best_metric),
+        "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
     }
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+    train_data = cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train)
+    (saved / "README.md").write_text(model_card(summary, before, after, run_dir.name, train_data))
     write_report(run_dir, before, after, summary)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
@@ -237,7 +253,23 @@ def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str)
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if (out / "adapter_config.json").is_file():
+        _tidy_adapter_config(out / "adapter_config.json", cfg)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base.config, "id2label", None) and get_task(cfg.task).predicts != "generate":
+            base.config.save_pretrained(out)  # config.json with id2label/label2id: plain peft loading gets the names
     return out
+
+
+def _tidy_adapter_config(path: Path, cfg: RunConfig) -> None:
+    """peft writes the base's resolved path (a folder inside this machine's venv for a builtin:
+    alias) and, for classifiers, the head once from us and once from its own task defaults.
+    Keep the name the user gave (their hub id, folder or the builtin alias) and each module once."""
+    c = json.loads(path.read_text())
+    c["base_model_name_or_path"] = cfg.model.name_or_path
+    if c.get("modules_to_save"):
+        c["modules_to_save"] = list(dict.fromkeys(c["modules_to_save"]))
+    path.write_text(json.dumps(c, indent=2, sort_keys=True))
 
 
 def _first_batch(data: PreparedData, tokenizer, acc, cfg: RunConfig) -> dict[str, torch.Tensor]:

@@ -22,17 +22,21 @@ def resolve_device(cfg: TrainConfig) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise TunesmithError("train.device is 'cuda' but no CUDA GPU is available")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise TunesmithError("train.device is 'mps' but this machine has no Apple Silicon GPU (MPS) available to torch")
     return cfg.device
 
 
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
     """'auto' -> bf16 where the hardware runs it fast, else fp16 on older GPUs, else fp32."""
     if cfg.precision != "auto":
-        if cfg.precision == "fp16" and device == "cpu":
+        if cfg.precision == "fp16" and device == "cpu":  # (mps runs fp16 autocast)
             raise TunesmithError("train.precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
         return cfg.precision
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "mps":  # autocast on MPS covers fewer ops; fp32 is the safe default there
+        return "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
