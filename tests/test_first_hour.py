@@ -70,9 +70,9 @@ def test_own_data_path_end_to_end_from_another_directory(tmp_path, tiny_bert, se
     # 3. train (tiny) in a real process, Ctrl-C mid-run: a checkpoint at the next step, the folder kept
     overrides = ["--train.precision=fp32", "--train.epochs=6", "--train.batch_size=8", "--train.lr=3e-3",
                  "--train.save_every=2", "--train.log_every=2", "--data.max_length=32", "--eval.num_samples=2",
-                 f"--output.dir={tmp_path / 'runs' / '{name}'}"]
+                 f"--output.dir={tmp_path / 'runs' / '{name}-v1'}"]  # the folder is not output.name
     proc = _cli(["train", "../project/reviews.yaml", *overrides], cwd=elsewhere)
-    ckpts = tmp_path / "runs" / "reviews" / "checkpoints"
+    ckpts = tmp_path / "runs" / "reviews-v1" / "checkpoints"
     deadline = time.time() + 120
     while not any(ckpts.glob("step-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -81,7 +81,8 @@ def test_own_data_path_end_to_end_from_another_directory(tmp_path, tiny_bert, se
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted: stopped at step" in err and "--resume" in err
-    rd = tmp_path / "runs" / "reviews"
+    rd = tmp_path / "runs" / "reviews-v1"
+    assert "warning: the validation split has only 12 examples" in out  # keep-best on a tiny split
     assert not (rd / "run.json").exists() and any(ckpts.glob("step-*"))
     stopped = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     saved = yaml.safe_load((rd / "config.yaml").read_text())
@@ -94,6 +95,19 @@ def test_own_data_path_end_to_end_from_another_directory(tmp_path, tiny_bert, se
     steps = [json.loads(l)["step"] for l in (rd / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == sorted(set(steps))  # no step logged twice across the interruption
+    # the outputs describe themselves: final metric, report title, model card, labels with the adapter
+    assert summary["final_split"] == "test" and summary["final_value"] == summary["final_metrics"]["accuracy"]
+    assert (rd / "eval_report.md").read_text().startswith("# Run report: reviews-v1\n")
+    card = (rd / "adapter" / "README.md").read_text()
+    assert f"base_model: {tiny_bert}" in card and "## Results on the held-out test split" in card
+    adapter_cfg = json.loads((rd / "adapter" / "adapter_config.json").read_text())
+    assert len(set(adapter_cfg["modules_to_save"])) == len(adapter_cfg["modules_to_save"])
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_bert), config=AutoConfig.from_pretrained(rd / "adapter")), str(rd / "adapter"))
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
     capsys.readouterr()
 
     # 5. predict --file on the user's own CSV and JSONL, through the run's data.columns
@@ -420,3 +434,16 @@ def test_readme_python_snippet_runs_as_written(tmp_path, tiny_bert):
     assert pred["input"] == "What a film!" and pred["label"] in {"negative", "positive"}
     assert "FutureWarning" not in done.stderr and "kernels-community" not in done.stderr
     assert (tmp_path / "runs" / "reviews-api" / "run.json").is_file()
+
+
+
+def test_error_catalogue_lists_the_messages_tested_here():
+    catalogue = (ROOT / "docs" / "ERRORS.md").read_text()
+    for needle in ("did you mean train.epochs?", "expected an integer or 'epoch', got 'steps'",
+                   "column 'sentimnt' not found; the file has id, review, sentiment",
+                   "classification needs a label column", "never occurs in the training data",
+                   "duplicate texts", "also appear in the training data", "no input column",
+                   "interrupted: stopped at step", "not found: ", "newly initialised (random)",
+                   "have no example in the evaluated data", "the validation split has only",
+                   "kernels-community", "train.device is 'mps'"):
+        assert needle in catalogue, needle

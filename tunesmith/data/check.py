@@ -12,7 +12,7 @@ from tunesmith.config import PREF_TASKS, load_config, parse_overrides
 from tunesmith.data import load_records, resolve_labels
 from tunesmith.data.formats import Example, detect_format, infer_labels, rename_columns, task_for_format, to_examples
 from tunesmith.data.tokenize import tokenize
-from tunesmith.errors import DataError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 
 
 def check_data(path: str | Path, config: str | Path | dict | None = None,
@@ -30,7 +30,10 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     from tunesmith.models.load import load_tokenizer, resolve_model_path
 
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    given = load_config(config, ov) if config is not None else None  # its own data files, for cross-checks
+    try:  # the config's own data files, for the cross-file checks
+        given = load_config(config, ov) if config is not None else None
+    except ConfigError:  # e.g. a config without data.train: nothing to compare with
+        given = None
     ov["data.train"] = str(path)
     cfg = load_config(config, ov)
     report: dict[str, Any] = {"file": cfg.data.train, "task": cfg.task, "problems": [], "warnings": []}
