@@ -52,7 +52,8 @@ class _Package(types.ModuleType):
     package, which would shadow the function for `from tunesmith import train`. The function
     wins: the attribute is left unset, so `__getattr__` above returns the function, while
     `import tunesmith.train.loop` and `from tunesmith.train import checkpoint` still find the
-    subpackages in sys.modules."""
+    subpackages in sys.modules. (The one form that cannot work is `import tunesmith.train.loop as
+    loop`, which walks the attributes; write `from tunesmith.train import loop`.)"""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _LAZY and isinstance(value, types.ModuleType):

@@ -157,6 +157,9 @@ def run(argv: list[str]) -> int:
 
         if args.doc:
             print("\n".join(describe_fields()))
+        elif args.config is None and not any(a.startswith("--data.train") for a in rest):
+            raise TunesmithError("config: give a CONFIG.yaml to print it resolved. To start from your own data: "
+                                 "tunesmith init YOUR_FILE --out CONFIG.yaml (every field: tunesmith config --doc)")
         else:
             import yaml
 

@@ -497,7 +497,8 @@ def load_config(
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         lines = _explain_errors(e, set(overrides))
-        raise ConfigError(f"{origin}: {len(lines)} config problem(s):\n" + "\n".join(lines)) from None
+        where = f"{origin} + command-line overrides" if overrides else origin  # each line says which it was
+        raise ConfigError(f"{where}: {len(lines)} config problem(s):\n" + "\n".join(lines)) from None
 
 
 # Fields that name local files or folders. Each is a path, a builtin: alias, or (model only) a hub id.

@@ -153,7 +153,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
     _say("evaluating the trained model ...", on_event)
     after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
-    saved = _save_model(model, tokenizer, cfg, run_dir, base_path)
+    saved = _save_model(model, tokenizer, cfg, run_dir)
     summary = {
         "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
         "quantize": cfg.method.opt("quantize") if cfg.method.name in ("lora", "dora", "qlora") else "none",
@@ -242,14 +242,14 @@ def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_eve
     return before
 
 
-def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str) -> Path:
+def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
     """peft methods -> run/adapter (peft format); bottleneck adapters -> run/bottleneck (ours);
     methods that change the model's own weights -> run/model (transformers format). Tokenizer beside it."""
     out = run_dir / saved_as(cfg.method.name)
     if out.name == "bottleneck":
         save_bottleneck(model, out, {"method": "adapter", "adapter_size": cfg.method.opt("adapter_size"),
                                      "placement": cfg.method.opt("placement"), "layers": cfg.method.layers,
-                                     "base_model_name_or_path": base_path, "task": cfg.task})
+                                     "base_model_name_or_path": cfg.model.name_or_path, "task": cfg.task})
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
