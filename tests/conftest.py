@@ -66,17 +66,15 @@ def tiny_bert(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
+def save_tiny_llama(out: Path, hidden: int = 32, intermediate: int = 64) -> Path:
     """A 2-layer Llama causal LM with a ChatML chat template, saved as a local model folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = make_tokenizer("llama")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=intermediate, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
@@ -86,6 +84,11 @@ def tiny_llama(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -144,6 +144,20 @@ def test_qlora_with_bf16_compute_keeps_the_frozen_embedding_in_bf16(tiny_llama, 
     assert res.after["metrics"]["loss"] < res.before["metrics"]["loss"]
 
 
+def test_4bit_layers_stay_on_the_portable_cpu_kernel(tiny_llama):
+    """bitsandbytes' AVX512-BF16 repack (inference only) rejects small shapes and breaks training
+    after an evaluation; tunesmith keeps every 4-bit layer on the kernel all CPUs share, so the
+    same run gives the same numbers on AVX2 and AVX-512 machines (test_method_matrix's qlora cases
+    train, evaluate, reload and merge on 32-wide layers the repack rejects)."""
+    import bitsandbytes as bnb
+
+    from tunesmith.models.quant import quantization_config
+
+    model = load_model(str(tiny_llama), "sft", quantization=quantization_config(MethodConfig(name="qlora", r=4), "fp32"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
 def test_bitfit_trains_biases_and_the_head_with_the_pooler(tiny_bert):
     """BitFit on a BERT classifier: every bias, the new classifier, and the pooler in front of it.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,11 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import evaluate_model, predict_texts
 from tunesmith.methods.bottleneck import load_bottleneck
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
-from tunesmith.models.quant import is_quantized, quantization_config
-from tunesmith.train.runtime import make_accelerator, resolve_device, resolve_precision
+from tunesmith.models.quant import embeddings_in_compute_dtype, is_quantized, quantization_config
+from tunesmith.train.runtime import cpu_has_fast_bf16, make_accelerator, resolve_device, resolve_precision
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,9 +40,31 @@ def load_base(cfg: RunConfig, labels: list[str] | None, pad_token_id: int | None
     """The run's base model as it was trained on (quantised again for QLoRA / int8 runs unless
     `quantized=False`, which merging onto the full-precision base wants)."""
     device = resolve_device(cfg.train)
-    quant = quantization_config(cfg.method, resolve_precision(cfg.train, device)) if quantized else None
-    return load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels, cfg.model.trust_remote_code,
-                      pad_token_id, quantization=quant, device=device)
+    precision = resolve_precision(cfg.train, device)
+    quant = quantization_config(cfg.method, precision) if quantized else None
+    model = load_model(resolve_model_path(cfg.model.name_or_path), cfg.task, labels, cfg.model.trust_remote_code,
+                       pad_token_id, quantization=quant, device=device)
+    if quant is not None:  # the embedding dtype training used, or the evaluation differs from the run's
+        embeddings_in_compute_dtype(model, precision)
+    return model
+
+
+def _as_trained(cfg: RunConfig, info: dict) -> RunConfig:
+    """The run's config with `precision: auto` pinned to the precision the run itself used, so that
+    evaluating a saved run reproduces its report on any machine that runs that precision fast.
+    bf16 on a CPU without native bf16 kernels is emulated (about 200x slower), so there the run
+    is evaluated in fp32, and the log says so."""
+    used = info.get("precision")
+    if cfg.train.precision != "auto" or used not in ("fp32", "bf16", "fp16"):
+        return cfg
+    device = resolve_device(cfg.train)
+    if used == "bf16" and device == "cpu" and not cpu_has_fast_bf16():
+        log.warning("this run trained in bf16; this CPU has no native bf16, so it is evaluated in fp32 "
+                    "(metrics may differ from its report in the third digit)")
+        used = "fp32"
+    if used == "fp16" and device == "cpu":
+        used = "fp32"
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": used})})
 
 
 # Written by `tunesmith merge` beside the merged weights: the run's config (task, columns, template),
@@ -57,8 +83,8 @@ def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
             return load_model_folder(run_dir)
         raise TunesmithError(f"{run_dir}: neither a finished tunesmith run (run.json + config.yaml) nor a model "
                              "folder (config.json)")
-    cfg = load_config(run_dir / "config.yaml")
     info = json.loads((run_dir / "run.json").read_text())
+    cfg = _as_trained(load_config(run_dir / "config.yaml"), info)
     labels = info.get("labels")
     if (run_dir / "adapter").is_dir():
         from peft import PeftModel
@@ -171,6 +197,8 @@ def evaluate(run_or_model: str | Path, data: str | Path, config: str | Path | di
         if loaded.labels:
             ov["data.labels"] = loaded.labels  # the trained head's classes, in its order
         cfg = load_config(config or own_config, ov)
+        if cfg.train.precision == "auto":  # the precision the run's own final evaluation used
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": loaded.cfg.train.precision})})
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         ov["model.name_or_path"] = str(run_or_model)

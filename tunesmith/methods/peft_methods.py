@@ -6,6 +6,7 @@ to change; the adapters themselves are peft's, so they save and load in peft's f
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tunesmith.config import LORA_FAMILY, PROMPT_METHODS, MethodConfig, Task
@@ -69,11 +70,37 @@ def apply_peft(model: nn.Module, cfg: MethodConfig, task: Task, tokenizer_path: 
         raise _explain(model, cfg, e) from None
     if cfg.name == "prefix" and cfg.prompt_init_text:
         _prefix_from_text(pm, cfg, tokenizer_path)
+    if cfg.name in PROMPT_METHODS:
+        _prompt_encoders_in_fp32(pm)
     if cfg.name == "lora":
         from tunesmith.methods.folded import install_training_fold
 
         install_training_fold(pm)  # dropout-0 layers: W + sBA in one matmul (methods/folded.py)
     return pm
+
+
+def _prompt_encoders_in_fp32(pm: nn.Module) -> None:
+    """Run each prompt encoder (P-tuning's MLP, prefix tuning's projection) outside autocast.
+
+    peft saves a prompt method's virtual tokens as the encoder's output computed in fp32; a
+    reloaded run uses those. Under bf16 autocast the training-time encoder would compute them in
+    bf16, so the run's own final evaluation would differ from `tunesmith eval` on the saved run
+    in the third digit. The encoders are a few small matrices: fp32 costs nothing measurable.
+    """
+    for enc in pm.prompt_encoder.values():
+        # A hook pair, not a replaced forward: hooks survive deepcopy (weight averaging, references).
+        enc.register_forward_pre_hook(_autocast_off)
+        enc.register_forward_hook(_autocast_restore, always_call=True)
+
+
+def _autocast_off(module: nn.Module, args: tuple) -> None:
+    ctx = torch.autocast(device_type=args[0].device.type, enabled=False)
+    ctx.__enter__()
+    module.__dict__.setdefault("_autocast_stack", []).append(ctx)
+
+
+def _autocast_restore(module: nn.Module, args: tuple, output) -> None:
+    module.__dict__["_autocast_stack"].pop().__exit__(None, None, None)
 
 
 def _prefix_from_text(pm: nn.Module, cfg: MethodConfig, tokenizer_path: str | None) -> None:

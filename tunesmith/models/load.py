@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from tunesmith import assets
 from tunesmith.config import Task
 from tunesmith.errors import TunesmithError
+from tunesmith.models.quant import keep_one_cpu_4bit_path
 from tunesmith.utils import atomic_folder
 
 
@@ -139,6 +140,8 @@ def load_model(path: str, task: Task, labels: list[str] | None = None, trust_rem
         raise _hub_error(path, e) from None
     finally:
         transformers.logging.set_verbosity(prev)
+    if quantization is not None and quantization.load_in_4bit:
+        keep_one_cpu_4bit_path(model)
     if task not in ("classification", "reward") and pad_token_id is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_token_id
     return model

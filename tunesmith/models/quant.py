@@ -50,6 +50,22 @@ def quantization_config(cfg: MethodConfig, precision: str):
                               bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision], llm_int8_skip_modules=SKIP_MODULES)
 
 
+def keep_one_cpu_4bit_path(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their portable CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout
+    the first time the layer runs without gradients (our evaluations do). That layout rejects
+    any layer that is not a multiple of 32 x 64 with a reshape traceback, its training path then
+    fails (an in-place bias add on a tensor autograd needs), and it makes a run's numbers depend
+    on which CPU it met. With the repack off every CPU runs the same kernel on every shape.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
                 or getattr(model, "hf_quantizer", None) is not None)
@@ -66,12 +82,19 @@ def prepare_for_training(model: torch.nn.Module, precision: str = "fp32") -> tor
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    dtype = COMPUTE_DTYPES[precision]
-    if dtype != torch.float32:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding) and not module.weight.requires_grad:
-                module.weight.data = module.weight.data.to(dtype)  # a tied output layer shares it
+    embeddings_in_compute_dtype(model, precision, frozen_only=True)
     return model
+
+
+def embeddings_in_compute_dtype(model: torch.nn.Module, precision: str, frozen_only: bool = False) -> None:
+    """Store a quantised base's embedding matrices in the compute dtype (see prepare_for_training).
+    Loading a trained run for evaluation does the same, so it computes what training evaluated."""
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and not (frozen_only and module.weight.requires_grad):
+            module.weight.data = module.weight.data.to(dtype)  # a tied output layer shares it
 
 
 def make_optimizer_class(name: str, device: str):

@@ -27,7 +27,7 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
         torch.manual_seed(cfg.train.seed)
         for i in range(0, len(prompts), cfg.eval.batch_size):
             ro = make_rollout(model, reference, tokenizer, prompts[i: i + cfg.eval.batch_size],
-                              prompt_ids[i: i + cfg.eval.batch_size], scorer, cfg, acc.device)
+                              prompt_ids[i: i + cfg.eval.batch_size], scorer, cfg, acc)
             rewards.append(ro.scores)
             kls.append(((ro.logps - ro.ref_logps) * ro.mask).sum(-1))
             lengths.append(ro.mask.sum(-1).float())

@@ -199,16 +199,23 @@ def policy_forward(model, ids: torch.Tensor, attn: torch.Tensor, width: int, tem
 
 @torch.no_grad()
 def make_rollout(model, reference, tokenizer, prompts: list, prompt_ids: list[list[int]], scorer: RewardScorer,
-                 cfg: RunConfig, device, value_head=None) -> Rollout:
-    ids, attn, width, mask = sample(model, tokenizer, prompt_ids, cfg, device)
+                 cfg: RunConfig, acc, value_head=None) -> Rollout:
+    # Sampling and the old/reference log-probs run under the training precision: PPO's ratio
+    # exp(logp - old) must be exactly 1 before the first update, which a bf16 update pass
+    # measured against fp32 rollout log-probs is not (its noise spends the clip range).
+    device = acc.device
+    with acc.autocast():
+        ids, attn, width, mask = sample(model, tokenizer, prompt_ids, cfg, device)
     texts = tokenizer.batch_decode([row[width:][m.bool()] for row, m in zip(ids, mask)], skip_special_tokens=True)
     ro = Rollout(ids, attn, width, mask, prompts, texts, scorer(prompts, texts))
     was_training = model.training
     model.eval()
     dev = (ids.to(device), attn.to(device))
-    lp, v, ent = policy_forward(model, *dev, width, cfg.pref.temperature, cfg.method.name, value_head, with_entropy=True)
-    with reference(model) as ref_model:
-        ref_lp, _, _ = policy_forward(ref_model, *dev, width, cfg.pref.temperature, cfg.method.name)
+    with acc.autocast():
+        lp, v, ent = policy_forward(model, *dev, width, cfg.pref.temperature, cfg.method.name, value_head,
+                                    with_entropy=True)
+        with reference(model) as ref_model:
+            ref_lp, _, _ = policy_forward(ref_model, *dev, width, cfg.pref.temperature, cfg.method.name)
     model.train(was_training)
     ro.logps, ro.ref_logps, ro.entropy = lp.cpu(), ref_lp.cpu(), ent.cpu()
     ro.values = v.cpu() if v is not None else None
@@ -365,7 +372,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             reps = p.num_generations if grpo else 1
             prompts = [f["prompt"] for f in chosen for _ in range(reps)]  # a prompt's group is adjacent
             prompt_ids = [f["prompt_ids"] for f in chosen for _ in range(reps)]
-            ro = make_rollout(model, reference, tokenizer, prompts, prompt_ids, scorer, cfg, acc.device,
+            ro = make_rollout(model, reference, tokenizer, prompts, prompt_ids, scorer, cfg, acc,
                               None if grpo else bundle["value"])
             raw = ro.scores.clone()
             if not grpo and p.normalize_reward:

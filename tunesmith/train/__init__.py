@@ -116,8 +116,11 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         enable_gradient_checkpointing(model)
     if cfg.task in NEEDS_REFERENCE:  # the frozen reference's log-probs, once, before the first step
         _say("scoring the data with the reference policy ...", on_event)
-        for split in data.splits.values():
-            add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
+        # Under the training precision: a bf16 policy measured against an fp32 reference would start
+        # with a nonzero margin (DPO's loss 0.699, not log 2) and spend its first steps on rounding.
+        with acc.autocast():
+            for split in data.splits.values():
+                add_reference_logps(model, split.features, tokenizer.pad_token_id, acc.device, cfg.eval.batch_size)
     with acc.autocast():  # the same precision as the training steps (a bf16 embedding needs it)
         check_gradients_reach(model, _first_batch(data, tokenizer, acc, cfg), for_task(gradient_task(cfg.task), cfg.pref),
                               cfg.method.name)

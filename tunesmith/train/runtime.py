@@ -1,6 +1,8 @@
 """Device, precision and threads: decided once per process, explained in the log."""
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator
 
@@ -27,12 +29,25 @@ def resolve_device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
+# What `precision: auto` resolves to can be forced for a whole process tree (CLI subprocesses
+# included). It exists so that one machine can check both paths: the test suite must pass
+# whichever precision `auto` picks on the machine CI lands on (fp32 on AVX2, bf16 on AMX).
+AUTO_PRECISION_ENV = "TUNESMITH_AUTO_PRECISION"
+
+
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
-    """'auto' -> bf16 where the hardware runs it fast, else fp16 on older GPUs, else fp32."""
-    if cfg.precision != "auto":
-        if cfg.precision == "fp16" and device == "cpu":  # (mps runs fp16 autocast)
+    """'auto' -> bf16 where the hardware runs it fast, else fp16 on older GPUs, else fp32
+    (or what $TUNESMITH_AUTO_PRECISION says)."""
+    precision = cfg.precision
+    if precision == "auto":
+        forced = os.environ.get(AUTO_PRECISION_ENV, "").strip()
+        if forced and forced not in ("fp32", "bf16", "fp16"):
+            raise TunesmithError(f"${AUTO_PRECISION_ENV}={forced!r}: expected fp32, bf16 or fp16")
+        precision = forced or "auto"
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
             raise TunesmithError("train.precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
-        return cfg.precision
+        return precision
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device == "mps":  # autocast on MPS covers fewer ops; fp32 is the safe default there
