@@ -154,6 +154,10 @@ def test_api_names_are_the_functions_not_the_subpackages():
     assert all(inspect.isfunction(f) for f in (train, evaluate, predict, check_data))
     assert train.__module__ == "tunesmith.train" and evaluate.__module__ == "tunesmith.runs"
     assert checkpoint.__name__ == "tunesmith.train.checkpoint"
+    import tunesmith.evaluate.metrics as metrics  # the attribute-walking import form
+    import tunesmith.train.loop as loop
+
+    assert loop.__name__ == "tunesmith.train.loop" and metrics.__name__ == "tunesmith.evaluate.metrics"
     import tunesmith
 
     assert tunesmith.train is train and tunesmith.evaluate is evaluate
@@ -185,7 +189,7 @@ def test_config_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     assert cfg.data.train == str(tmp_path / "proj" / "data" / "reviews.csv")
     from tunesmith.config import check_inputs_exist
 
-    with pytest.raises(ConfigError, match=re.escape(f"data.test: not found: {tmp_path / 'proj' / 'data' / 'missing.csv'}")):
+    with pytest.raises(ConfigError, match=re.escape(f"data file not found: {tmp_path / 'proj' / 'data' / 'missing.csv'} (data.test)")):
         check_inputs_exist(cfg)
     # an override is a path typed in this shell: relative to the current directory
     assert load_config("proj/c.yaml", ["--data.test=x.csv"]).data.test == str(tmp_path / "x.csv")

@@ -42,7 +42,13 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        fn = getattr(importlib.import_module(module), attr)
+        sub = sys.modules.get(f"{__name__}.{name}")
+        if sub is not None:  # `import tunesmith.train.loop as loop` walks tunesmith.train.loop: let the function
+            for key, value in vars(sub).items():  # carry the subpackage's loaded submodules as attributes
+                if isinstance(value, types.ModuleType) and value.__name__ == f"{sub.__name__}.{key}":
+                    setattr(fn, key, value)
+        return fn
     raise AttributeError(name)
 
 
@@ -52,8 +58,8 @@ class _Package(types.ModuleType):
     package, which would shadow the function for `from tunesmith import train`. The function
     wins: the attribute is left unset, so `__getattr__` above returns the function, while
     `import tunesmith.train.loop` and `from tunesmith.train import checkpoint` still find the
-    subpackages in sys.modules. (The one form that cannot work is `import tunesmith.train.loop as
-    loop`, which walks the attributes; write `from tunesmith.train import loop`.)"""
+    subpackages in sys.modules, and `import tunesmith.train.loop as loop` (which walks the
+    attributes) finds the submodules on the function (see `__getattr__`)."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _LAZY and isinstance(value, types.ModuleType):

@@ -628,10 +628,12 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     d = cfg.data
     sources = [("data.train", s) for s in ([d.train] if isinstance(d.train, str) else d.train or [])]
     sources += [("data.validation", d.validation), ("data.test", d.test)]
-    missing = [f"  - {field}: not found: {s}" for field, s in sources
+    missing = [f"data file not found: {s} ({field})" for field, s in sources
                if s and not s.startswith("builtin:") and not Path(s).exists()]
+    if len(missing) == 1:
+        raise ConfigError(missing[0])
     if missing:
-        raise ConfigError(f"{len(missing)} data file(s) not found:\n" + "\n".join(missing))
+        raise ConfigError(f"{len(missing)} data files missing:\n" + "\n".join(f"  - {m}" for m in missing))
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

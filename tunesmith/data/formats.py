@@ -109,7 +109,8 @@ def detect_format(fields: dict[str, Any], cfg: DataConfig) -> str:
         return "text"
     raise TunesmithError(
         f"cannot detect the data format from columns {', '.join(keys)}: expected text (+label), prompt+completion, "
-        "instruction+output or messages. Map your columns with data.columns (e.g. {text: review}) or set data.format."
+        "instruction+output or messages. Map your columns with data.columns (e.g. {text: review}) or set data.format; "
+        "`tunesmith init FILE` writes a config with the mapping."
     )
 
 
