@@ -179,7 +179,8 @@ def test_data_check_cli(tmp_path, tiny_llama, capsys):
 
 def test_config_doc_cli(capsys):
     assert run(["config", "--doc"]) == 0
-    assert "train.lr = 0.0005" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train.lr = None" in out and "5e-5 for method full" in out  # method-aware default (issue 27)
 
 
 def test_eval_base_model_cli(tmp_path, tiny_llama, qa_rows, capsys):

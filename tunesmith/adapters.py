@@ -143,6 +143,7 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
                              "weights); serve it "
                              "with its base instead")
     from peft import PeftModel
+    from tunesmith.runs import MERGED_CONFIG
 
     loaded = load_run(run, quantized=False)
     # load_run adds a sparse diff into the base weights already; a peft adapter is folded in here.
@@ -150,6 +151,8 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     with output_folder(Path(out), overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        # the run's task, columns and template travel with the weights: predict/eval on the folder use them
+        shutil.copyfile(Path(run) / "config.yaml", tmp / MERGED_CONFIG)
     return Path(out)
 
 

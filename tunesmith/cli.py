@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 
-EPILOG = "Any config field can be overridden as --section.key=value, e.g. --train.epochs=1 --method.r=16."
+EPILOG = ("Any config field can be overridden as --section.key=value, e.g. --train.epochs=1 --method.r=16; "
+          "lists as --method.target_modules=query,value or '--method.target_modules=[query, value]'.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
 
+    it = sub.add_parser("init", help="write a starter config for your own data file (detects the task and columns)")
+    it.add_argument("file", help="your data: CSV/TSV, JSONL/JSON, Parquet or .txt")
+    it.add_argument("--out", help="config file to write (default: print it)")
+    it.add_argument("--model", help="base model (default: builtin:all-MiniLM-L6-v2 to classify, "
+                    "builtin:SmolLM2-135M-Instruct to generate)")
+    it.add_argument("--overwrite", action="store_true")
+
     e = sub.add_parser("eval", help="evaluate a run or a base model on a data file", epilog=EPILOG)
     e.add_argument("model", help="run folder, model folder, hub id, .gguf file or builtin: alias")
     e.add_argument("--data", required=True, help="data file to evaluate on")
@@ -29,12 +36,14 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify texts or generate replies with a trained run (or several "
                         "adapter runs over one base)")
-    pr.add_argument("run", nargs="+", help="run folder(s); several adapter runs of one base load the base once. "
+    pr.add_argument("run", nargs="+", help="run folder(s) or a merged/plain model folder; several adapter runs of one "
+                    "base load the base once. "
                     "Name an adapter NAME=RUN_DIR (default name: the folder's name)")
     pr.add_argument("--adapter", action="append", default=[],
                     help="with several runs: answer with this adapter (repeatable; default: each in turn)")
     pr.add_argument("--text", action="append", default=[], help="an input (repeatable)")
-    pr.add_argument("--file", help="inputs: a .txt file (one per line) or .jsonl with a text/prompt field")
+    pr.add_argument("--file", help="inputs: a .txt file (one per line), or CSV/JSONL/... read through the run's "
+                    "data.columns (its text or prompt column)")
     pr.add_argument("--max-new-tokens", type=int, help="generation length")
     pr.add_argument("--json", action="store_true", help="print JSON lines")
 
@@ -94,44 +103,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_inputs(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise TunesmithError(f"input file not found: {p}")
-    if p.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TunesmithError(f"{p}:line {n}: malformed JSON: {e.msg}") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("prompt")), str):
-                    raise TunesmithError(f"{p}:line {n}: field 'text' (or 'prompt'): missing")
-                out.append(obj.get("text", obj.get("prompt")))
-        return out
-    return [l for l in p.read_text().splitlines() if l.strip()]
-
-
 def run(argv: list[str]) -> int:
     args, rest = _parser().parse_known_args(argv)
     if args.command == "train":
-        from tunesmith.train import train
+        return _train(args, rest)
+    elif args.command == "init":
+        from tunesmith.starter import starter_config
 
-        train(args.config, rest, resume=args.resume)
+        _no_overrides(rest)
+        text = starter_config(args.file, args.out, args.model, args.overwrite)
+        print(f"wrote {args.out}; next: tunesmith data check {args.file} --config {args.out}" if args.out else text)
     elif args.command == "eval":
         from tunesmith.evaluate.report import single_markdown
         from tunesmith.runs import evaluate
 
         result = evaluate(args.model, args.data, args.config, rest)
+        for w in result.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
         print(single_markdown(result))
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2))
     elif args.command == "predict":
         _no_overrides(rest)
-        texts = args.text + (_read_inputs(args.file) if args.file else [])
-        if not texts:
+        if not args.text and not args.file:
             raise TunesmithError("predict: give --text or --file")
+        texts = args.text + (_read_inputs(args.file, args.run[0].split("=", 1)[-1]) if args.file else [])
         _predict(args, texts)
     elif args.command == "adapters":
         from tunesmith.adapters import adapter_info, format_info, list_adapters
@@ -181,11 +177,60 @@ def run(argv: list[str]) -> int:
 
         if args.doc:
             print("\n".join(describe_fields()))
+        elif args.config is None and not any(a.startswith("--data.train") for a in rest):
+            raise TunesmithError("config: give a CONFIG.yaml to print it resolved. To start from your own data: "
+                                 "tunesmith init YOUR_FILE --out CONFIG.yaml (every field: tunesmith config --doc)")
         else:
             import yaml
 
             print(yaml.safe_dump(load_config(args.config, rest).model_dump(mode="json"), sort_keys=False))
     return 0
+
+
+def _train(args, rest: list[str]) -> int:
+    """Validate the config before the heavy imports (a typo is reported at once), then train;
+    Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint that --resume continues."""
+    import signal
+    import threading
+
+    from tunesmith.config import check_inputs_exist, load_config
+    from tunesmith.errors import TrainingCancelled
+
+    cfg = load_config(args.config, rest)
+    check_inputs_exist(cfg)
+    from tunesmith.train import train
+
+    cancel = threading.Event()
+
+    def stop(signum, frame) -> None:
+        if cancel.is_set():  # a second Ctrl-C: stop now (the last checkpoint stays)
+            raise KeyboardInterrupt
+        cancel.set()
+        print(f"\n{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(cfg, resume=args.resume, cancel=cancel, echo=True)
+    except TrainingCancelled as e:
+        again = " ".join(["tunesmith train", args.config, *rest, "--resume"])
+        print(f"interrupted: {e}\n  continue: {again}", file=sys.stderr)
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0
+
+
+def _read_inputs(path: str, run: str) -> list[str]:
+    """predict --file: inputs read through the run's (or merged folder's) data settings, before
+    any model loads."""
+    from tunesmith.config import load_config
+    from tunesmith.runs import MERGED_CONFIG, is_run_dir, read_inputs
+
+    own = Path(run) / ("config.yaml" if is_run_dir(run) else MERGED_CONFIG)
+    cfg = load_config(own) if own.is_file() else load_config({"data": {"train": "-"}})
+    return read_inputs(path, cfg)
 
 
 def _print_predictions(rows: list[dict], as_json: bool, adapter: str | None = None) -> None:
@@ -231,8 +276,6 @@ def _no_overrides(rest: list[str]) -> None:
 
 
 def main() -> None:
-    # peft calls a transformers method that transformers 5 deprecates; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         sys.exit(run(sys.argv[1:]))
     except TunesmithError as e:

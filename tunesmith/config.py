@@ -7,6 +7,7 @@ Each field's description is its documentation (`tunesmith config --doc` prints t
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -50,15 +51,22 @@ def task_facts(name: str) -> TaskFacts:
     return _task_lookup(name)
 
 
+# train.lr when unset: full fine-tuning moves pretrained weights and wants a small step (the
+# shipped full config measured 5e-5); adapters and new heads start at zero / random.
+DEFAULT_LR = {"full": 5e-5, "*": 5e-4}
+DEFAULT_MODEL = {"head": "builtin:all-MiniLM-L6-v2", "generate": "builtin:SmolLM2-135M-Instruct"}
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in a config must not be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(
-        "builtin:all-MiniLM-L6-v2",
-        description="Base model: a local Hugging Face folder, a hub id, a .gguf file, a "
+    name_or_path: str | None = Field(
+        None,
+        description="Base model (default: builtin:all-MiniLM-L6-v2 for classification and reward, "
+        "builtin:SmolLM2-135M-Instruct for the generative tasks): a local Hugging Face folder, a hub id, a .gguf file, a "
         "builtin: alias (builtin:all-MiniLM-L6-v2, builtin:SmolLM2-135M-Instruct) that ships offline, "
         "or a finished full/head/selective run folder (the model it saved; e.g. head first, then LoRA).",
     )
@@ -277,7 +285,8 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate. Default: 5e-5 for method full (every "
+                             "weight moves), 5e-4 for the others (adapters and new heads start from zero or random).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps for linear warmup.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
@@ -307,7 +316,12 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for model init, dropout and batch order.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     log_every: int = Field(10, ge=1, description="Record training loss every N steps.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    save_every: int | None = Field(
+        None, ge=1, description="Also write a resumable checkpoint every N optimizer steps (besides the ones at each "
+        "evaluation), so a crash or a hard kill loses at most N steps. Ctrl-C / SIGTERM always checkpoint at the next step.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train. auto: a CUDA GPU if there is one, else the CPU; mps: Apple Silicon's GPU "
+        "(chosen explicitly; precision auto means fp32 there).")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (torch); adamw_8bit keeps optimizer state in 8 bits (bitsandbytes); paged_* "
         "page optimizer state to CPU memory under GPU memory pressure (CUDA only; on CPU the unpaged one is used, with a note).")
@@ -399,6 +413,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         problems: list[str] = []
+        if self.model.name_or_path is None:  # task-aware default: an encoder to classify, a small LM to generate
+            self.model.name_or_path = DEFAULT_MODEL["head" if task_facts(self.task).head is not None else "generate"]
+        if self.train.lr is None:  # method-aware default; the saved config then states the value used
+            self.train.lr = DEFAULT_LR.get(self.method.name, DEFAULT_LR["*"])
         if not self.data.train:
             problems.append("data.train: required (a data file, folder or builtin: alias)")
         try:
@@ -491,41 +509,180 @@ def load_config(
         source: path to a YAML file, an already-parsed dict, or None for all defaults.
         overrides: {'train.lr': 1e-4} or CLI-style ['--train.lr=1e-4'].
     Returns:
-        The validated config. Relative data paths in a YAML file resolve against the
-        current directory (like every CLI tool), not the YAML file's folder.
+        The validated config, with local paths made absolute: relative paths in a YAML file
+        resolve against the file's folder (then the current directory, for older configs);
+        those in a dict or an override against the current directory. A run's saved
+        config.yaml therefore works from anywhere.
     Raises:
-        ConfigError: listing every invalid or unknown field at once.
+        ConfigError: listing every invalid or unknown field at once, with the closest field
+            name for a typo and whether the value came from the file or an override.
     """
     if source is None:
         tree: dict = {}
-        origin = "<defaults>"
+        origin, base = "<defaults>", Path.cwd()
     elif isinstance(source, dict):
         tree = copy.deepcopy(source)
-        origin = "<dict>"
+        origin, base = "<dict>", Path.cwd()
     else:
         path = Path(source)
-        origin = str(path)
+        origin, base = str(path), path.absolute().parent
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path.absolute()}")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    _resolve_paths(tree, base)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
+    overrides = {k: _as_list_if_wanted(k, v) for k, v in (overrides or {}).items()}
+    for key, value in overrides.items():
         _set_dotted(tree, key, value)
+    if overrides:
+        _resolve_paths(tree, Path.cwd(), only=set(overrides))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {loc}: {msg}" if loc != "config" else f"  - {msg}")
-        raise ConfigError(f"{origin}: {len(lines)} config problem(s):\n" + "\n".join(lines)) from None
+        lines = _explain_errors(e, set(overrides))
+        where = f"{origin} + command-line overrides" if overrides else origin  # each line says which it was
+        raise ConfigError(f"{where}: {len(lines)} config problem(s):\n" + "\n".join(lines)) from None
+
+
+# Fields that name local files or folders. Each is a path, a builtin: alias, or (model only) a hub id.
+_PATH_FIELDS = ("data.train", "data.validation", "data.test", "model.name_or_path", "pref.reward_model",
+                "pref.tax_data", "pref.reward_fn")
+
+
+def _resolve_paths(tree: dict, base: Path, only: set[str] | None = None) -> None:
+    """Make the path fields of a raw config tree absolute (in place); see load_config."""
+    for dotted in _PATH_FIELDS:
+        if only is not None and dotted not in only:
+            continue
+        section, key = dotted.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or node.get(key) is None:
+            continue
+        value = node[key]
+        if isinstance(value, list):
+            node[key] = [_absolute(dotted, v, base) for v in value]
+        else:
+            node[key] = _absolute(dotted, value, base)
+
+
+def _absolute(field: str, value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+        return value
+    if field == "pref.reward_fn":  # 'module:function' or 'file.py:function'
+        file, sep, fn = value.rpartition(":")
+        return f"{_absolute('pref.reward_model', file, base)}:{fn}" if sep and file.endswith(".py") else value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return os.path.normpath(p)
+    here, cwd = base / p, Path.cwd() / p
+    if field == "model.name_or_path" and not (here.exists() or cwd.exists() or value.startswith(".")
+                                              or value.endswith(".gguf")):
+        return value  # a hub id such as 'org/name'
+    return os.path.normpath(here if here.exists() or not cwd.exists() else cwd)  # no 'a/../b'; symlinks kept
+
+
+def _field_info(dotted: str):
+    """The pydantic FieldInfo of a dotted name ('train.epochs'), or None."""
+    model: type[BaseModel] = RunConfig
+    info = None
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        ann = info.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return info
+
+
+def _as_list_if_wanted(dotted: str, value: Any) -> Any:
+    """`--method.target_modules=query,value` means the list [query, value] for a field that takes a list."""
+    info = _field_info(dotted)
+    if info is None or not isinstance(value, str) or "," not in value:
+        return value
+    if "list[" not in str(info.annotation):
+        return value
+    return [_scalar(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def _names_in(dotted_prefix: str) -> list[str]:
+    info = _field_info(dotted_prefix) if dotted_prefix else None
+    model = RunConfig if info is None else info.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _type_words(ann: Any) -> list[str]:
+    """What a field accepts, in words: ['an integer', "'epoch'"]."""
+    import types
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return [w for a in typing.get_args(ann) for w in _type_words(a)]
+    if origin is Literal:
+        return [repr(a) for a in typing.get_args(ann)]
+    if origin is list:
+        return ["a list (e.g. [a, b] or a,b)"]
+    if origin is dict:
+        return ["a mapping"]
+    return [{int: "an integer", float: "a number", str: "a string", bool: "true/false",
+             type(None): "null"}.get(ann, getattr(ann, "__name__", str(ann)))]
+
+
+def _explain_errors(e: ValidationError, from_overrides: set[str]) -> list[str]:
+    """pydantic's errors as one line per field: a union's branches merged, a typo's closest name."""
+    import difflib
+
+    by_field: dict[str, list[dict]] = {}
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        # The field is the longest prefix of loc that names a config field; the rest are union branches.
+        n = len(loc)
+        while n > 0 and _field_info(".".join(loc[:n])) is None and err["type"] != "extra_forbidden":
+            n -= 1
+        by_field.setdefault(".".join(loc[:n]) if n else ".".join(loc), []).append(err)
+    lines = []
+    for name, errs in by_field.items():
+        given = [k for k in from_overrides if k == name or k.startswith(name + ".")]
+        where = f" (from --{given[0]})" if given else ""
+        if not name:
+            lines += [f"  - {err['msg'].removeprefix('Value error, ')}" for err in errs]
+            continue
+        err = errs[0]
+        if err["type"] == "extra_forbidden":
+            section, _, key = name.rpartition(".")
+            close = difflib.get_close_matches(key, _names_in(section), n=1, cutoff=0.6)
+            hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else \
+                f"; {section or 'the top level'} has: {', '.join(_names_in(section))}"
+            lines.append(f"  - {name}: unknown field{where}{hint}")
+        elif len(errs) > 1 and _field_info(name) is not None:
+            words = " or ".join(dict.fromkeys(_type_words(_field_info(name).annotation)))
+            lines.append(f"  - {name}: expected {words}, got {err.get('input')!r}{where}")
+        else:
+            lines.append(f"  - {name}: {err['msg'].removeprefix('Value error, ')}{where}")
+    return lines
+
+
+def check_inputs_exist(cfg: RunConfig) -> None:
+    """Fail fast, before any heavy import, when a data file named in the config is missing.
+
+    Raises:
+        ConfigError: naming each missing file by its field and resolved path.
+    """
+    d = cfg.data
+    sources = [("data.train", s) for s in ([d.train] if isinstance(d.train, str) else d.train or [])]
+    sources += [("data.validation", d.validation), ("data.test", d.test)]
+    missing = [f"data file not found: {s} ({field})" for field, s in sources
+               if s and not s.startswith("builtin:") and not Path(s).exists()]
+    if len(missing) == 1:
+        raise ConfigError(missing[0])
+    if missing:
+        raise ConfigError(f"{len(missing)} data files missing:\n" + "\n".join(f"  - {m}" for m in missing))
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
@@ -542,5 +699,7 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
             lines.extend(describe_fields(ann, f"{prefix}{name}."))
             continue
         default = f.default_factory() if f.default_factory else f.default
-        lines.append(f"{prefix}{name} = {default!r}\n    {f.description or ''}")
+        choices = [w for w in _type_words(ann) if w.startswith("'")]
+        choice_line = f"\n    choices: {', '.join(c.strip(chr(39)) for c in choices)}" if choices else ""
+        lines.append(f"{prefix}{name} = {default!r}\n    {f.description or ''}{choice_line}")
     return lines

@@ -9,7 +9,7 @@ from typing import Any
 
 from tunesmith import assets
 from tunesmith.config import DataConfig, RunConfig, task_facts
-from tunesmith.data.formats import filter_where, infer_labels
+from tunesmith.data.formats import check_columns, file_columns, filter_where, infer_labels
 from tunesmith.data.readers import Record, read_records
 from tunesmith.data.splits import take
 from tunesmith.data.tokenize import TokenStats
@@ -41,6 +41,8 @@ def load_records(source: str, cfg: DataConfig, problems: list | None = None) -> 
     """
     src = assets.data_source(source)
     records = read_records(Path(src["path"]), cfg.reader, problems)
+    if records:
+        check_columns(records, cfg, source)
     where = {**src.get("where", {}), **cfg.where}
     kept = filter_where(records, where)
     if not kept:
@@ -52,9 +54,19 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
     if task_facts(cfg.task).head != "labels":
         return None
     labels = cfg.data.labels or src.get("labels") or infer_labels(train_records, cfg.data)
+    if not labels:
+        col, have = cfg.data.columns.get("label", "label"), file_columns(train_records)
+        raise TunesmithError(f"{_source_name(cfg)}: classification needs a label column, but column '{col}' is "
+                             f"{'empty' if col in have else 'not found'}; the file has {', '.join(have)}. Map your "
+                             "columns with data.columns (e.g. --data.columns.label=sentiment), or set task for "
+                             "other data (sft: prompt/completion or chat, cpt: text)")
     if len(labels) < 2:
-        raise TunesmithError(f"{cfg.data.train}: classification needs at least 2 labels, found {labels}")
+        raise TunesmithError(f"{_source_name(cfg)}: classification needs at least 2 labels, found {labels}")
     return list(labels)
+
+
+def _source_name(cfg: RunConfig) -> str:
+    return cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train or [])
 
 
 def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]]]:

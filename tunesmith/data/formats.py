@@ -51,6 +51,24 @@ def rename_columns(rec: Record, columns: dict[str, str]) -> dict[str, Any]:
     return fields
 
 
+def file_columns(records: list[Record], limit: int = 1000) -> list[str]:
+    """The column names of a file, in file order (the union over its first `limit` records)."""
+    return list(dict.fromkeys(k for r in records[:limit] for k in r.fields))
+
+
+def check_columns(records: list[Record], cfg: DataConfig, source: str) -> None:
+    """Every column named in data.columns must exist in the file; say which columns it has.
+
+    Raises:
+        TunesmithError: e.g. "data.columns.label: column 'sentimnt' not found; the file has id, review, sentiment".
+    """
+    have = file_columns(records)
+    missing = [f"data.columns.{canonical}: column '{col}' not found" for canonical, col in cfg.columns.items()
+               if col not in have]
+    if missing:
+        raise TunesmithError(f"{source}: " + "; ".join(missing) + f"; the file has {', '.join(have)}")
+
+
 def filter_where(records: list[Record], where: dict[str, Any]) -> list[Record]:
     """Keep records whose columns equal the given values (compared as strings, CSV-friendly)."""
     if not where:
@@ -63,20 +81,21 @@ def detect_format(fields: dict[str, Any], cfg: DataConfig) -> str:
         return cfg.format
     if cfg.template.prompt:
         return "prompt_completion"
-    keys = set(fields)
+    keys = list(fields)
     if "messages" in keys:
         return "chat"
-    if {"instruction", "output"} <= keys:
+    if {"instruction", "output"} <= set(keys):
         return "instruction"
-    if {"prompt", "completion"} <= keys:
+    if {"prompt", "completion"} <= set(keys):
         return "prompt_completion"
-    if {"text", "label"} <= keys:
+    if {"text", "label"} <= set(keys):
         return "classification"
     if "text" in keys:
         return "text"
     raise TunesmithError(
-        f"cannot detect the data format from columns {sorted(keys)}: expected text (+label), prompt+completion, "
-        "instruction+output or messages. Map your columns with data.columns (e.g. {text: review}) or set data.format."
+        f"cannot detect the data format from columns {', '.join(keys)}: expected text (+label), prompt+completion, "
+        "instruction+output or messages. Map your columns with data.columns (e.g. {text: review}) or set data.format; "
+        "`tunesmith init FILE` writes a config with the mapping."
     )
 
 
@@ -161,7 +180,10 @@ def read_examples(records: list[Record], task: str, formats: frozenset[str], cfg
     Raises:
         DataError listing every bad record (file, line, field).
     """
-    fmt = detect_format(rename_columns(records[0], cfg.columns), cfg)
+    try:
+        fmt = detect_format(rename_columns(records[0], cfg.columns), cfg)
+    except TunesmithError as e:
+        raise TunesmithError(f"{records[0].where.path}: {e}") from None
     if fmt not in formats:
         raise TunesmithError(f"{records[0].where.path}: data looks like '{fmt}', which task '{task}' cannot use "
                              f"(it needs {' or '.join(sorted(formats))}); set data.format or data.columns")
@@ -203,6 +225,7 @@ def read_examples(records: list[Record], task: str, formats: frozenset[str], cfg
             ex.expected = need_str(f, "expected", w, problems)
         if len(problems) == n_before:
             examples.append(ex)
-    if problems:
-        raise DataError(problems)
+    if problems:  # name the user's own columns, not our canonical fields
+        raise DataError([Problem(p.where, p.message, cfg.columns.get(p.field, p.field) if p.field else None)
+                         for p in problems])
     return fmt, examples

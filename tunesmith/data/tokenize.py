@@ -161,7 +161,9 @@ def tokenize_sft(examples: list[Example], fmt: str, cfg: DataConfig, tokenizer) 
             problems.append(Problem(e.where, f"no answer tokens left within max_length={cfg.max_length}", field="completion"))
             continue
         reference = e.expected or (e.completion if e.messages is None else e.messages[-1]["content"])
-        feats.append({"input_ids": ids, "labels": labels, "prompt_len": plen, "reference": reference})
+        question = e.prompt if e.messages is None else e.messages[-2]["content"] if len(e.messages) > 1 else ""
+        feats.append({"input_ids": ids, "labels": labels, "prompt_len": plen, "reference": reference,
+                      "question": question})  # what was asked, for the report's per-question table
     if not feats:
         raise DataError(problems)
     return feats, stats

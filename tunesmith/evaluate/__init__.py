@@ -76,4 +76,20 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
     }
     task.evaluate_more(result, model, tokenizer, data, cfg, acc, split)
     result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
+    result["warnings"] = metric_warnings(result["metrics"])
     return result
+
+
+def metric_warnings(metrics: dict) -> list[str]:
+    """What a reader of the numbers must know: macro averages over classes the evaluated data
+    does not contain. scikit-learn's macro average (ours) counts such a class's recall as 0 and
+    its precision as 0 when it is predicted, so recall_macro over 3 classes with one absent is at
+    most 2/3. That is the right definition for a head that must cover every class, but on a file
+    that lacks one it reads as a failure of the model."""
+    absent = [name for name, m in metrics.get("per_class", {}).items() if m["support"] == 0]
+    if not absent:
+        return []
+    n = len(metrics["per_class"])
+    return [f"class(es) {', '.join(absent)} have no example in the evaluated data: the macro precision/recall/F1 "
+            f"average over all {n} classes and count each of them as 0 (at most {(n - len(absent)) / n:.3f}); "
+            "look at per_class, or evaluate on data with every class"]

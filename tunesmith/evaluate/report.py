@@ -44,7 +44,9 @@ def comparison_markdown(before: dict | None, after: dict) -> str:
 
 def single_markdown(result: dict) -> str:
     """One model's evaluation (for `tunesmith eval`): headline metrics and sample outputs."""
-    lines = [f"Evaluated {result['examples']} examples.", "", "| metric | value |", "|---|---|"]
+    lines = [f"Evaluated {result['examples']} examples.", ""]
+    lines += [f"> warning: {w}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
+    lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(result['metrics'][k])} |" for k in _HEADLINE if k in result["metrics"]]
     lines += ["", "| input | output |", "|---|---|"]
     lines += [f"| {_short(s['input'], 70).replace('|', '/')} | {_cell(s)} |" for s in result["samples"]]
@@ -54,7 +56,7 @@ def single_markdown(result: dict) -> str:
 def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict) -> str:
     """Write eval_report.json and eval_report.md; returns the Markdown."""
     (run_dir / "eval_report.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=2))
-    md = [f"# Run report: {summary['name']}", "",
+    md = [f"# Run report: {run_dir.name}", "",  # the folder's name: output.dir may not contain output.name
           f"- task: {summary['task']}, method: {summary['method']}, base: `{summary['base_model']}`",
           f"- {summary['params']}", f"- precision: {summary['precision']}, device: {summary['device']}",
           f"- steps: {summary['steps']}, train time: {summary['train_seconds']:.0f} s, total: {summary['wall_seconds']:.0f} s",
@@ -72,9 +74,59 @@ def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict)
             b = before["generations"][i] if before and len(before.get("generations") or []) > i else None
             cell = lambda x: f"{_short(x['completion'], 80)} ({x['reward']:.2f})".replace("|", "/")  # noqa: E731
             md.append(f"| {_short(g['prompt'], 50).replace('|', '/')} | {cell(b) if b else '-'} | {cell(g)} |")
+    gens = after.get("generations") or []
+    if gens and "exact" in gens[0]:  # SFT: every held-out question, its reference and both answers
+        md += ["", f"## Answers to the held-out prompts ({sum(g['exact'] for g in gens)} exact, "
+               f"{sum(g['contains'] for g in gens)} containing the reference, of {len(gens)})", "",
+               "| prompt | reference | before | after |", "|---|---|---|---|"]
+        for i, g in enumerate(gens[:100]):
+            b = before["generations"][i] if before and len(before.get("generations") or []) > i else None
+            cell = lambda x: ("✓ " if x["contains"] else "✗ ") + _short(x["output"], 80).replace("|", "/")  # noqa: E731
+            md.append(f"| {_short(g.get('prompt') or '', 60).replace('|', '/')} | {_short(g['reference'], 40).replace('|', '/')} "
+                      f"| {cell(b) if b else '-'} | {cell(g)} |")
+        if len(gens) > 100:
+            md.append(f"\n({len(gens) - 100} more in eval_report.json)")
+    warnings = after.get("warnings") or []
+    if warnings:
+        md += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     text = "\n".join(md) + "\n"
     (run_dir / "eval_report.md").write_text(text)
     return text
+
+
+def model_card(summary: dict, before: dict | None, after: dict, run_name: str, train_data: str) -> str:
+    """README.md for the saved adapter or model: what it is, how it scored, how to load it."""
+    peft_folder = summary["saved_as"] == "adapter"
+    tags = ["tunesmith", summary["method"], summary["task"]]
+    front = {"base_model": summary["base_model"], "library_name": "peft" if peft_folder else "transformers",
+             "tags": tags}
+    lines = ["---"] + [f"{k}: {v}" if not isinstance(v, list) else f"{k}:\n" + "\n".join(f"- {x}" for x in v)
+                       for k, v in front.items()] + ["---", "",
+             f"# {run_name}", "",
+             f"A {summary['method']} fine-tune of `{summary['base_model']}` for {summary['task']}, trained with "
+             f"tunesmith on `{train_data}` ({summary['format']} data).", ""]
+    if summary.get("labels"):
+        lines += [f"Labels (id order): {', '.join(summary['labels'])}. They are stored in this folder's config.json "
+                  "(id2label / label2id).", ""]
+    lines += [f"## Results on the held-out {after['split']} split ({after['examples']} examples)", "",
+              "| metric | before training | after |", "|---|---|---|"]
+    for k in _HEADLINE:
+        if k in after["metrics"]:
+            b = _fmt(before["metrics"][k]) if before and k in before["metrics"] else "-"
+            lines.append(f"| {k} | {b} | {_fmt(after['metrics'][k])} |")
+    lines += ["", "## Use", "", "```bash", f"tunesmith predict runs/{run_name} --text \"...\"", "```", ""]
+    if peft_folder:
+        auto = "AutoModelForSequenceClassification" if summary.get("labels") else "AutoModelForCausalLM"
+        cfg_arg = ", config=AutoConfig.from_pretrained(ADAPTER)" if summary.get("labels") else ""
+        lines += ["Without tunesmith (BASE: the base model's folder or hub id):", "", "```python",
+                  f"from transformers import AutoConfig, {auto}", "from peft import PeftModel",
+                  f"ADAPTER = \"runs/{run_name}/adapter\"",
+                  f"base = {auto}.from_pretrained(BASE{cfg_arg})",
+                  "model = PeftModel.from_pretrained(base, ADAPTER)", "```", ""]
+    lines += ["## Training", "", f"- {summary['params']}", f"- {summary['steps']} steps, precision {summary['precision']}, "
+              f"device {summary['device']}, {summary['train_seconds']:.0f} s",
+              "- the full resolved config is the run folder's config.yaml; the report is eval_report.md", ""]
+    return "\n".join(lines)
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:

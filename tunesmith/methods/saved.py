@@ -64,12 +64,22 @@ def _as_trained(cfg: RunConfig, info: dict) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": used})})
 
 
+# Written by `tunesmith merge` beside the merged weights: the run's config (task, columns, template),
+# so a merged folder predicts and evaluates the way its run did.
+MERGED_CONFIG = "tunesmith_config.yaml"
+
+
 def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
     """Load a run's trained model: base + peft adapter, base + bottleneck adapters, base + its sparse
     diff added into the weights (diff pruning), or the saved model."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise TunesmithError(f"not found: {run_dir.absolute()}")
     if not is_run_dir(run_dir):
-        raise TunesmithError(f"{run_dir}: not a finished tunesmith run (no run.json / config.yaml)")
+        if (run_dir / "config.json").is_file():
+            return load_model_folder(run_dir)
+        raise TunesmithError(f"{run_dir}: neither a finished tunesmith run (run.json + config.yaml) nor a model "
+                             "folder (config.json)")
     info = json.loads((run_dir / "run.json").read_text())
     cfg = _as_trained(load_config(run_dir / "config.yaml"), info)
     labels = info.get("labels")
@@ -91,6 +101,70 @@ def load_run(run_dir: str | Path, quantized: bool = True) -> LoadedModel:
         model = load_model(str(run_dir / "model"), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)
     model.eval()
     return LoadedModel(model, tok, cfg, labels, bool(info.get("chat_template")))
+
+
+def load_model_folder(folder: Path) -> LoadedModel:
+    """A plain transformers folder: a merged run (its tunesmith_config.yaml says the task and data
+    settings) or any model whose architecture says what it does (a sequence classifier with its
+    id2label names, or a causal LM)."""
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(folder)
+    arch = " ".join(getattr(mc, "architectures", None) or [])
+    labels = [mc.id2label[i] for i in sorted(mc.id2label)] if "ForSequenceClassification" in arch else None
+    if (folder / MERGED_CONFIG).is_file():
+        cfg = load_config(folder / MERGED_CONFIG, {"model.name_or_path": str(folder.absolute())})
+    elif labels or "ForCausalLM" in arch:
+        cfg = load_config({"task": "classification" if labels else "sft", "data": {"train": "-"},
+                           "model": {"name_or_path": str(folder.absolute())}})
+    else:
+        raise TunesmithError(f"{folder}: a {arch or 'model'} folder is neither a sequence classifier nor a causal LM; "
+                             "predict needs a trained run or one of those")
+    tok = load_tokenizer(str(folder), cfg.model.trust_remote_code)
+    model = load_model(str(folder), cfg.task, labels, cfg.model.trust_remote_code, tok.pad_token_id)
+    model.eval()
+    chat = cfg.data.chat_template is not False and bool(getattr(tok, "chat_template", None)) and labels is None
+    return LoadedModel(model, tok, cfg, labels, chat)
+
+
+def read_inputs(path: str | Path, cfg: RunConfig) -> list[str]:
+    """Inputs for predict from a file: a .txt file is one input per line; any data file (CSV,
+    JSONL, ...) is read like training data, through the run's data.columns, taking each record's
+    input column (text, prompt, instruction [+ input], or a chat's last user message).
+
+    Raises:
+        TunesmithError: the file is missing, or a record has no input column (naming the file's columns).
+    """
+    from tunesmith.data.formats import file_columns, rename_columns
+    from tunesmith.data.readers import detect_reader, read_records
+
+    p = Path(path)
+    if not p.exists():
+        raise TunesmithError(f"input file not found: {p.absolute()}")
+    if detect_reader(p) == "text" and p.is_file():
+        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_records(p)
+    tpl = cfg.data.template.prompt
+    fields = [n for _, n, _, _ in string.Formatter().parse(tpl) if n] if tpl else []
+    keys = fields[:1] if len(fields) == 1 else ["text", "prompt", "instruction", "messages"]
+    out = []
+    for rec in records:
+        f = rename_columns(rec, cfg.data.columns)
+        key = next((k for k in keys if f.get(k) not in (None, "")), None)
+        if key is None:
+            want = ", ".join(f"'{cfg.data.columns.get(k, k)}'" for k in keys)
+            raise TunesmithError(f"{rec.where}: no input column: expected {want} (the run's data.columns); "
+                                 f"the file has {', '.join(file_columns(records))}")
+        value = f[key]
+        if key == "messages":
+            value = next((m.get("content") for m in reversed(value) if isinstance(m, dict) and m.get("role") == "user"), None)
+        elif key == "instruction" and f.get("input"):
+            value = f"{value}\n\n{f['input']}"
+        if not isinstance(value, str):
+            raise TunesmithError(f"{rec.where}: column '{cfg.data.columns.get(key, key)}': expected text, "
+                                 f"got {type(value).__name__}")
+        out.append(value)
+    return out
 
 
 def to_device(model: torch.nn.Module, device) -> torch.nn.Module:

@@ -23,6 +23,8 @@ def resolve_device(cfg: TrainConfig) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise TunesmithError("train.device is 'cuda' but no CUDA GPU is available")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise TunesmithError("train.device is 'mps' but this machine has no Apple Silicon GPU (MPS) available to torch")
     return cfg.device
 
 
@@ -47,4 +49,6 @@ def resolve_precision(cfg: TrainConfig, device: str) -> str:
         return precision
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "mps":  # autocast on MPS covers fewer ops; fp32 is the safe default there
+        return "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"

@@ -47,7 +47,7 @@ def _tax_features(cfg: RunConfig, tokenizer) -> list[dict]:
 
     key = (cfg.pref.tax_data, cfg.data.max_length, cfg.pref.tax_blocks, tokenizer.name_or_path)
     if key not in _TAX_FEATURES:
-        records, _ = load_records(cfg.pref.tax_data, cfg.data.model_copy(update={"where": {}}))
+        records, _ = load_records(cfg.pref.tax_data, cfg.data.model_copy(update={"where": {}, "columns": {}}))
         exs, feats = [], []
         for rec in records:  # enough documents for tax_blocks blocks, not the whole corpus
             text = rec.fields.get("text")

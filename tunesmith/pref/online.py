@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -207,7 +208,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
             log(row)
             print(f"step {row['step']}/{total_steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
-                  f"entropy {row['entropy']:.2f} clipfrac {row['clipfrac']:.3f} loss {row['loss']:.4f}", flush=True)
+                  f"entropy {row['entropy']:.2f} clipfrac {row['clipfrac']:.3f} loss {row['loss']:.4f}", file=sys.stderr, flush=True)
             if prog["batch"] >= len(batches):
                 prog.update(epoch=prog["epoch"] + 1, batch=0)
             step = prog["step"]

@@ -15,7 +15,7 @@ from tunesmith.config import DataConfig, RunConfig
 from tunesmith.data import PreparedData, split_examples
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import TokenStats
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.tasks import classification, cpt, preference, regression, sft
 from tunesmith.tasks.base import Endpoint, Predicts, Sums, Task  # noqa: F401 (the seam's types)
 
@@ -29,6 +29,20 @@ def get_task(name: str) -> Task:
         return _TASKS[name]
     except KeyError:
         raise ConfigError(f"unknown task '{name}'; known: {', '.join(_TASKS)}") from None
+
+
+def task_for_format(fields: dict[str, Any], data: DataConfig) -> str:
+    """The task a record's shape suggests when no config names one (`data check` without --config,
+    `init`): preference pairs and rankings -> dpo, else the first task that reads the detected format."""
+    if {"chosen", "rejected"} <= set(fields) or "responses" in fields:
+        return "dpo"
+    for task in _TASKS.values():
+        try:
+            if task.detect(fields, data) in task.formats:
+                return task.name
+        except TunesmithError:
+            continue
+    raise TunesmithError(f"cannot tell the task from the columns {', '.join(fields)}; set task (or data.columns)")
 
 
 def task_names() -> list[str]:

@@ -5,7 +5,7 @@ from tunesmith.data.formats import read_examples
 from tunesmith.data.tokenize import tokenize_sft, use_chat_template
 from tunesmith.objectives import causal_lm, count_targets
 from tunesmith.tasks.base import GENERATE, Task, generate, generate_replies
-from tunesmith.tasks.metrics import lm_metrics, match_metrics
+from tunesmith.tasks.metrics import lm_metrics, match_metrics, normalize
 
 FORMATS = frozenset({"prompt_completion", "instruction", "chat"})
 LM_METRICS = {"loss": False, "perplexity": False, "token_accuracy": True}
@@ -19,7 +19,10 @@ def evaluate_more(result: dict, model, tokenizer, data, cfg, acc, split: str) ->
     prompts = [f["input_ids"][: f["prompt_len"]] for f in feats]
     gens = generate(model, tokenizer, prompts, acc, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     result["metrics"].update(match_metrics(gens, [f["reference"] for f in feats]))
-    result["generations"] = [{"reference": f["reference"], "output": g} for f, g in zip(feats, gens)]
+    result["generations"] = [{"prompt": f.get("question"), "reference": f["reference"], "output": g,
+                              "exact": normalize(g) == normalize(f["reference"]),
+                              "contains": f" {normalize(f['reference'])} " in f" {normalize(g)} "}
+                             for f, g in zip(feats, gens)]
 
 
 TASK = Task(

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from tunesmith.config import RunConfig, dump_config, load_config
+from tunesmith.config import RunConfig, check_inputs_exist, dump_config, load_config
 from tunesmith.data import PreparedData
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.evaluate import evaluate_model
-from tunesmith.evaluate.report import comparison_markdown, plot_curves, plot_pref_curves, write_report
+from tunesmith.evaluate.report import comparison_markdown, model_card, plot_curves, plot_pref_curves, write_report
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
@@ -34,6 +34,10 @@ from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
 
 
+# Below this many validation examples, keep-best picks a checkpoint on noise: say so.
+SMALL_VALIDATION = 30
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -43,13 +47,25 @@ class RunResult:
 
 
 def _say(msg: str, on_event: EventFn | None) -> None:
-    print(msg, flush=True)
     if on_event:
         on_event({"kind": "message", "text": msg})
 
 
+def _events(on_event: EventFn | None, echo: bool) -> EventFn | None:
+    """The caller's event callback, plus printing the messages to stdout when `echo` (the CLI)."""
+    if not echo:
+        return on_event
+
+    def emit(event: dict[str, Any]) -> None:
+        if event.get("kind") == "message":
+            print(event["text"], flush=True)
+        if on_event:
+            on_event(event)
+    return emit
+
+
 def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | None = None, *, resume: bool = False,
-          on_event: EventFn | None = None, cancel: threading.Event | None = None) -> RunResult:
+          on_event: EventFn | None = None, cancel: threading.Event | None = None, echo: bool = False) -> RunResult:
     """Fine-tune according to `config` and write a run folder.
 
     Args:
@@ -57,7 +73,10 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         overrides: {'train.lr': 1e-4} or ['--train.lr=1e-4'].
         resume: continue from the run folder's latest checkpoint.
         on_event: called with dicts (kind: message/train/eval/checkpoint/done) as training goes.
-        cancel: set it from another thread to stop after a checkpoint (raises TrainingCancelled).
+        cancel: set it from another thread (or a signal handler) to stop at the next step boundary
+            after saving a checkpoint (raises TrainingCancelled; `resume=True` continues).
+        echo: also print progress messages and the before/after tables to stdout (the CLI does;
+            the API leaves stdout alone and sends them to `on_event`; the progress bar is on stderr).
     Returns:
         RunResult with the before/after evaluations and the run summary.
     Raises:
@@ -65,6 +84,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     """
     cfg = _resolve_config(config, overrides)
     task = get_task(cfg.task)
+    check_inputs_exist(cfg)
+    on_event = _events(on_event, echo)
     t0, rss_start = time.perf_counter(), current_rss_mb()
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(run_dir, cfg, resume)
@@ -75,6 +96,11 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     data = task.prepare(cfg, tokenizer)
     _say(_data_summary(data, task), on_event)
+    val = data.splits.get("validation")
+    if val is not None and len(val.features) < SMALL_VALIDATION and (cfg.train.load_best or cfg.train.early_stopping_patience):
+        _say(f"warning: the validation split has only {len(val.features)} examples: keep-best and early stopping "
+             f"choose on its noise (one example moves accuracy by {1 / len(val.features):.2f}); give data.val_size "
+             f"or a validation file of {SMALL_VALIDATION}+ examples, or set train.load_best=false", on_event)
     acc, precision = make_accelerator(cfg.train)
     quant = quantization_config(cfg.method, precision)
     model = load_model(base_path, cfg.task, data.labels, cfg.model.trust_remote_code, tokenizer.pad_token_id,
@@ -95,6 +121,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     _say(f"method {cfg.method.name}: {params}{quant_note}", on_event)
     _say(f"device {acc.device}, precision {precision}, threads {torch.get_num_threads()}", on_event)
 
+    if cancel is not None and cancel.is_set():
+        raise TrainingCancelled("stopped before training started; nothing was written")
     if resume_from is None and run_dir.exists():
         shutil.rmtree(run_dir)  # output.overwrite: replaced only now that the new run has loaded
     created = not run_dir.exists()
@@ -134,8 +162,14 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
         "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
         "stopped_early": result.stopped_early, "status": "completed",
+        # the trained model's score on the held-out split, as in the report
+        "final_split": after["split"], "final_metric": result.best_metric,
+        "final_value": after["metrics"].get(result.best_metric),
+        "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
     }
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+    train_data = cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train)
+    (saved / "README.md").write_text(model_card(summary, before, after, run_dir.name, train_data))
     write_report(run_dir, before, after, summary)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
@@ -167,8 +201,9 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
     return None
 
 
-# Settings that change how fast a run goes, not what it computes: free to change on resume.
-_SPEED_ONLY = frozenset({"train.frozen_cache_gb"})
+# Settings that change how fast a run goes or how often it saves, not what it computes: free to
+# change on resume (e.g. resuming on a machine with another core count).
+_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints"})
 
 
 def _config_changes(saved: dict, now: dict) -> list[str]:
@@ -217,11 +252,27 @@ def _save_model(model, tokenizer, cfg: RunConfig, run_dir: Path, base_path: str)
     elif out.name == "bottleneck":
         save_bottleneck(model, out, {"method": "adapter", "adapter_size": cfg.method.opt("adapter_size"),
                                      "placement": cfg.method.opt("placement"), "layers": cfg.method.layers,
-                                     "base_model_name_or_path": base_path, "task": cfg.task})
+                                     "base_model_name_or_path": cfg.model.name_or_path, "task": cfg.task})
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if (out / "adapter_config.json").is_file():
+        _tidy_adapter_config(out / "adapter_config.json", cfg)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base.config, "id2label", None) and get_task(cfg.task).predicts != "generate":
+            base.config.save_pretrained(out)  # config.json with id2label/label2id: plain peft loading gets the names
     return out
+
+
+def _tidy_adapter_config(path: Path, cfg: RunConfig) -> None:
+    """peft writes the base's resolved path (a folder inside this machine's venv for a builtin:
+    alias) and, for classifiers, the head once from us and once from its own task defaults.
+    Keep the name the user gave (their hub id, folder or the builtin alias) and each module once."""
+    c = json.loads(path.read_text())
+    c["base_model_name_or_path"] = cfg.model.name_or_path
+    if c.get("modules_to_save"):
+        c["modules_to_save"] = list(dict.fromkeys(c["modules_to_save"]))
+    path.write_text(json.dumps(c, indent=2, sort_keys=True))
 
 
 def _first_batch(data: PreparedData, tokenizer, acc, task) -> dict[str, torch.Tensor]:
