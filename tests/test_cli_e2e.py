@@ -128,8 +128,9 @@ def test_early_stopping_and_keep_best(tmp_path, tiny_bert, sentiment_rows):
 
 
 @pytest.mark.parametrize("problem,expect", [
-    ({"model": {"name_or_path": "./no/such/model"}}, "model path does not exist: ./no/such/model"),
-    ({"data": {"train": "missing.jsonl"}}, "data file not found: missing.jsonl"),
+    # relative paths resolve against the config's folder, and the error shows the path it tried
+    ({"model": {"name_or_path": "./no/such/model"}}, "model path does not exist: {tmp}/no/such/model"),
+    ({"data": {"train": "missing.jsonl"}}, "data file not found: {tmp}/missing.jsonl"),
     ({"data": {"template": {"prompt": "Q: {question}"}}}, "field 'question': template references"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, tiny_llama, qa_rows, problem, expect, monkeypatch):
@@ -142,7 +143,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, tiny_llama, qa_
     cfg = _config(tmp_path, **base)
     proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    assert expect.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
