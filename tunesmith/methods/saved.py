@@ -127,46 +127,6 @@ def load_model_folder(folder: Path) -> LoadedModel:
     return LoadedModel(model, tok, cfg, labels, chat)
 
 
-def read_inputs(path: str | Path, cfg: RunConfig) -> list[str]:
-    """Inputs for predict from a file: a .txt file is one input per line; any data file (CSV,
-    JSONL, ...) is read like training data, through the run's data.columns, taking each record's
-    input column (text, prompt, instruction [+ input], or a chat's last user message).
-
-    Raises:
-        TunesmithError: the file is missing, or a record has no input column (naming the file's columns).
-    """
-    from tunesmith.data.formats import file_columns, rename_columns
-    from tunesmith.data.readers import detect_reader, read_records
-
-    p = Path(path)
-    if not p.exists():
-        raise TunesmithError(f"input file not found: {p.absolute()}")
-    if detect_reader(p) == "text" and p.is_file():
-        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = read_records(p)
-    tpl = cfg.data.template.prompt
-    fields = [n for _, n, _, _ in string.Formatter().parse(tpl) if n] if tpl else []
-    keys = fields[:1] if len(fields) == 1 else ["text", "prompt", "instruction", "messages"]
-    out = []
-    for rec in records:
-        f = rename_columns(rec, cfg.data.columns)
-        key = next((k for k in keys if f.get(k) not in (None, "")), None)
-        if key is None:
-            want = ", ".join(f"'{cfg.data.columns.get(k, k)}'" for k in keys)
-            raise TunesmithError(f"{rec.where}: no input column: expected {want} (the run's data.columns); "
-                                 f"the file has {', '.join(file_columns(records))}")
-        value = f[key]
-        if key == "messages":
-            value = next((m.get("content") for m in reversed(value) if isinstance(m, dict) and m.get("role") == "user"), None)
-        elif key == "instruction" and f.get("input"):
-            value = f"{value}\n\n{f['input']}"
-        if not isinstance(value, str):
-            raise TunesmithError(f"{rec.where}: column '{cfg.data.columns.get(key, key)}': expected text, "
-                                 f"got {type(value).__name__}")
-        out.append(value)
-    return out
-
-
 def to_device(model: torch.nn.Module, device) -> torch.nn.Module:
     """Move a model unless bitsandbytes placed it already (quantised models refuse .to())."""
     return model if is_quantized(model) else model.to(device)
