@@ -257,7 +257,7 @@ def test_every_pref_module_imports_first_in_a_fresh_process():
     import subprocess
     import sys
 
-    for mod in ("tunesmith.pref.pairs", "tunesmith.pref.online", "tunesmith.pref.evaluate", "tunesmith.pref.objectives"):
+    for mod in ("tunesmith.pref.pairs", "tunesmith.train.online", "tunesmith.pref.evaluate", "tunesmith.pref.objectives"):
         proc = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 

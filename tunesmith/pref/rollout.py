@@ -1,5 +1,5 @@
 """Rollouts for online RL and policy evaluation: the reward (a reward-model run, a classifier run, a
-Python function), sampling, the policy's and the reference's log-probs. The loop is pref/online.py."""
+Python function), sampling, the policy's and the reference's log-probs. The loop is train/online.py."""
 from __future__ import annotations
 
 import copy

@@ -76,7 +76,7 @@ class Task:
     sample_inputs: Callable[[RunConfig, list[Any]], list[str]]  # the before/after table's inputs from examples
     # (model, tokenizer, texts, cfg, chat, labels, acc) -> one dict per text, as `tunesmith predict` prints
     predict: Callable[..., list[dict]]
-    # trains by rollouts (pref/online.py), not in the ordinary loop: "critic" learns a value head
+    # trains by rollouts (train/online.py), not in the ordinary loop: "critic" learns a value head
     # (PPO), "group" compares samples of the same prompt (GRPO)
     online: Literal["critic", "group"] | None = None
     chat: Callable[[RunConfig, str, list[Any], Any], bool] = lambda cfg, fmt, exs, tok: False  # chat template?

@@ -31,6 +31,7 @@ from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import EventFn, fit
+from tunesmith.train.online import fit_online
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
 
 
@@ -130,8 +131,6 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     try:
         dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
-        if task.online:
-            from tunesmith.pref.online import fit_online  # here, not at the top: pref.online imports train.loop
         fit_fn = fit_online if task.online else fit
         if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
             torch.cuda.reset_peak_memory_stats()

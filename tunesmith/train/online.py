@@ -42,6 +42,7 @@ from tunesmith.pref.evaluate import evaluate_policy
 from tunesmith.pref.rollout import Rollout, get_scorer, make_reference, make_rollout, policy_forward
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
 
 
 # ---------------------------------------------------------------- the loop
@@ -130,7 +131,6 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
     validation prompts every `eval_every` with keep-best (`checkpoints/best`) and early stopping, a
     checkpoint at each evaluation and on cancel, and an exact `--resume`."""
-    from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
 
     p, t, grpo = cfg.pref, cfg.train, get_task(cfg.task).online == "group"
     emit = on_event or (lambda e: None)
