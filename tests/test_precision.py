@@ -6,7 +6,7 @@ import pytest
 
 from tunesmith.config import TrainConfig, load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.train import runtime
+from tunesmith.models import device as runtime  # where resolve_precision looks up cpu_has_fast_bf16
 
 
 def test_auto_precision_can_be_forced_for_the_process_tree(monkeypatch):
