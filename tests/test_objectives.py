@@ -149,6 +149,35 @@ def test_grad_accumulation_invariance(tiny_llama, qa_rows, tmp_path, monkeypatch
     assert rel <= (1e-5 if precision == "fp32" else BF16_TOL), rel
 
 
+def test_max_batch_tokens_cuts_micro_batches_without_changing_the_step(tiny_llama, qa_rows, tmp_path, monkeypatch):
+    """train.max_batch_tokens bounds a piece's padded tokens; the pieces accumulate into the same
+    step as the whole micro-batch (fp32: same weights to 1e-5), and the loop really cut them."""
+    from tunesmith.data.collate import feature_length, split_by_tokens
+    from tunesmith.train import loop, train
+
+    rows = [dict(r, completion=r["completion"] + " one" * (i % 3)) for i, r in enumerate(qa_rows)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    pieces = []
+    real = loop.split_by_tokens
+    monkeypatch.setattr(loop, "split_by_tokens", lambda fs, n: pieces.append(out := real(fs, n)) or out)
+    a = train(_cfg(tiny_llama, data, tmp_path / "a", batch_size=4, max_steps=2, precision="fp32")).run_dir
+    assert all(len(p) == 1 for p in pieces)  # no budget: whole micro-batches
+    pieces.clear()
+    budget = 40
+    b = train(_cfg(tiny_llama, data, tmp_path / "b", batch_size=4, max_steps=2, precision="fp32",
+                   max_batch_tokens=budget)).run_dir
+    cut = [piece for p in pieces for piece in p]
+    assert len(cut) > len(pieces)  # the budget did cut
+    assert all(len(piece) == 1 or len(piece) * max(map(feature_length, piece)) <= budget for piece in cut)
+    assert sum(len(piece) for piece in cut) == 4 * 2  # every example of both steps, once
+    wa, wb = _final_weights(a), _final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    f = [{"input_ids": [0] * n} for n in (5, 9, 2, 7)]
+    assert [[feature_length(x) for x in p] for p in split_by_tokens(f, 18)] == [[9, 7], [5, 2]]
+    assert split_by_tokens(f, None) == [f] and len(split_by_tokens(f, 1)) == 4
+
+
 def test_gradient_checkpointing_takes_the_same_steps(tiny_llama, qa_rows, tmp_path, monkeypatch):
     """Recomputing activations in backward changes memory, not the result (LoRA: frozen inputs)."""
     import transformers.modeling_utils

@@ -285,6 +285,10 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Cut each micro-batch into pieces of at most this many padded tokens "
+        "(examples x longest) and accumulate them within the step: the same update up to float rounding, with "
+        "activation memory bounded by the piece (e.g. 2048 = 4 x 512). None: whole micro-batches.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate. Default: 5e-5 for method full (every "
                              "weight moves), 5e-4 for the others (adapters and new heads start from zero or random).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")

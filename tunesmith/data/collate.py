@@ -79,3 +79,20 @@ def collate_any(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
 def feature_length(f: dict[str, Any]) -> int:
     """Tokens a feature puts through the model (for length-grouped batching)."""
     return sum(len(r["input_ids"]) for r in f["rows"]) if "rows" in f else len(f["input_ids"])
+
+
+def split_by_tokens(feats: list[dict[str, Any]], max_tokens: int | None) -> list[list[dict[str, Any]]]:
+    """A micro-batch cut into pieces of at most `max_tokens` padded tokens (examples x longest), longest
+    first; a piece holds at least one example. Activation memory grows with a piece's padded tokens,
+    so this bounds it; the loop accumulates the pieces' gradients within one step, so the update is
+    the whole micro-batch's up to float rounding (losses are sums over a step-wide count)."""
+    if max_tokens is None or len(feats) * max((feature_length(f) for f in feats), default=0) <= max_tokens:
+        return [feats]
+    pieces: list[list[dict[str, Any]]] = []
+    for f in sorted(feats, key=feature_length, reverse=True):
+        # longest first: a piece's longest example is its first, so its padded size is len x that
+        if pieces and (len(pieces[-1]) + 1) * feature_length(pieces[-1][0]) <= max_tokens:
+            pieces[-1].append(f)
+        else:
+            pieces.append([f])
+    return pieces

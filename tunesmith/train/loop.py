@@ -23,7 +23,7 @@ from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
-from tunesmith.data.collate import batch_order, collate_any, feature_length
+from tunesmith.data.collate import batch_order, collate_any, feature_length, split_by_tokens
 from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
 from tunesmith.methods import training_schedule
@@ -148,8 +148,9 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                             group_by_length=t.group_by_length)
         while prog["step"] < total_steps and not stop:
             # ---- one optimizer step over grad_accum micro-batches ----
-            group_feats = [[feats[i] for i in order[j]]
-                           for j in range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))]
+            batch_idx = range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))
+            group_feats = [piece for j in batch_idx  # pieces bound activation memory (train.max_batch_tokens)
+                           for piece in split_by_tokens([feats[i] for i in order[j]], t.max_batch_tokens)]
             group = [collate_any(fs, pad_id) for fs in group_feats]
             denom = sum(task.count_items(b) for b in group)  # loss normaliser for the whole step
             for k, (batch, batch_feats) in enumerate(zip(group, group_feats)):
@@ -180,7 +181,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                 emit({"kind": "message", "text": schedule.describe()})
                 bar.write(schedule.describe())
             prog["step"] += 1
-            prog["batch"] += len(group)
+            prog["batch"] += len(batch_idx)
             step = prog["step"]
             epoch_float = round(prog["epoch"] + prog["batch"] / len(order), 3)
             epoch_done = prog["batch"] >= len(order)
