@@ -24,6 +24,7 @@ REPEAT_MIN_WORDS = 10
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls but tab, newline, CR
 _TAG = re.compile(r"<[A-Za-z/!][^<>]{0,500}>|&(?:#\d{1,7}|#x[0-9A-Fa-f]{1,6}|[A-Za-z]{2,8});")
+_BR = re.compile(r"<br\s*/?>", re.I)  # scraped text's line breaks (about half of IMDB's reviews): a note, not junk
 _DOCUMENT_TAG = re.compile(r"<\s*/?\s*(?:html|head|body|script|style|div|table|iframe)\b", re.I)
 # UTF-8 bytes read as cp1252/latin-1: a lead byte (Ã, Â, â, ...) then continuation-byte characters,
 # e.g. "Ã©" for "é", "â€™" for "’". Each match is confirmed by decoding it back (_is_mojibake).
@@ -32,10 +33,12 @@ _MOJIBAKE = re.compile(f"[\u00c2-\u00f4][\u0080-\u00bf{_CP1252}]{{1,3}}")
 _LETTER = re.compile(r"[^\W\d_]")
 _WORD = re.compile(r"\w+")
 
+NOTE_REASONS = {"html_line_breaks"}  # reported as notes; the other reasons are warnings
 JUNK_REASONS = {
     "empty": "empty or only whitespace",
     "no_letters": "no letters at all (only digits, punctuation or symbols)",
     "markup": f"markup: HTML/XML tags or entities (a document tag, or >= {MARKUP_SHARE:.0%} of the characters)",
+    "html_line_breaks": "HTML line breaks (<br />) in the text: replace them with newlines if the model should not learn them",
     "mojibake": "broken encoding (mojibake: UTF-8 read as cp1252/latin-1, e.g. 'Ã©' for 'é')",
     "replacement_char": "broken encoding (U+FFFD replacement characters: bytes that did not decode)",
     "control_chars": "control characters (other than tab and newline)",
@@ -60,9 +63,12 @@ def junk_reasons(text: str) -> list[str]:
     if not _LETTER.search(text):
         reasons.append("no_letters")
     if "<" in text or "&" in text:
-        tagged = sum(len(m) for m in _TAG.findall(text))
-        if _DOCUMENT_TAG.search(text) or tagged >= MARKUP_SHARE * len(text):
+        rest = _BR.sub("", text)
+        tagged = sum(len(m) for m in _TAG.findall(rest))
+        if _DOCUMENT_TAG.search(rest) or tagged >= MARKUP_SHARE * len(text):
             reasons.append("markup")
+        elif len(rest) < len(text):
+            reasons.append("html_line_breaks")
     if any(_is_mojibake(m) for m in _MOJIBAKE.findall(text)):
         reasons.append("mojibake")
     if "\ufffd" in text:

@@ -13,6 +13,7 @@ from tunesmith.data import dedup, load_records, resolve_labels
 from tunesmith.data.formats import Example, infer_labels, rename_columns
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.tasks import findings, get_task, task_for_format, to_examples
+from tunesmith.tasks.check_output import format_report, markdown_report  # noqa: F401 (the API's names)
 from tunesmith.tasks.findings import Finding
 
 
@@ -210,37 +211,3 @@ def _token_stats(stats, max_length: int, features: int) -> dict[str, Any]:
     return {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
             "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
             "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
-
-
-def format_report(r: dict[str, Any]) -> str:
-    lines = [f"file: {r['file']}", f"task: {r['task']}" + (" (detected from the file; set one with --config or "
-                                                           "--task)" if r.get("task_detected") else "")]
-    if "rows" in r:
-        lines += [f"rows: {r['rows']} read, {r.get('valid_rows', 0)} valid", f"format: {r['format']}"]
-    if r.get("labels"):
-        total = max(sum(r["labels"].values()), 1)
-        lines.append("labels: " + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in r["labels"].items()))
-    if r.get("targets"):
-        lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in r["targets"].items()))
-    if r.get("preference"):
-        p = r["preference"]
-        lines.append("preference: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items()))
-        if p.get("chosen_longer_share") is not None and abs(p["chosen_longer_share"] - 0.5) > 0.25:
-            lines.append(f"  length bias: the chosen response is longer in {100 * p['chosen_longer_share']:.0f}% of pairs; "
-                         "a reward model may learn length instead of quality")
-    if "tokens" in r:
-        t = r["tokens"]
-        lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
-        lines.append(f"truncation at max_length={t['max_length']}: {t['truncated']} example(s) cut"
-                     + (f", {t['dropped']} left with no answer tokens (dropped)" if t["dropped"] else ""))
-    if r.get("warnings"):
-        lines.append(f"warnings ({len(r['warnings'])}):")
-        lines += [f"  - {w}" for w in r["warnings"]]
-    if r["problems"]:
-        lines.append(f"problems ({len(r['problems'])}):")
-        lines += [f"  - {p}" for p in r["problems"][:50]]
-        if len(r["problems"]) > 50:
-            lines.append(f"  ... and {len(r['problems']) - 50} more")
-    else:
-        lines.append("problems: none")
-    return "\n".join(lines)

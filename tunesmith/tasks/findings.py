@@ -183,7 +183,8 @@ def junk(examples: list[Example], texts: list[str], w: dedup.Words) -> list[Find
     out = []
     for reason, idx in quality.junk(texts, w).items():
         rows = [row(examples[i].where) for i in idx]
-        out.append(Finding("junk", "warning", f"{len(rows)} row(s) with {quality.JUNK_REASONS[reason]}: "
+        severity: Severity = "info" if reason in quality.NOTE_REASONS else "warning"
+        out.append(Finding("junk", severity, f"{len(rows)} row(s) with {quality.JUNK_REASONS[reason]}: "
                            f"{_examples_of(rows)}", rows))
     return out
 
