@@ -8,7 +8,7 @@ Time: the run's matmul FLOPs over this machine's measured matmul speed times a u
     Attention adds 12 x layers x hidden x length per token (bench/mfu.py's formula).
   - Evaluation passes (each validation and the before/after test) cost 2 N per token.
     SFT's generated answers are not counted.
-  - Speed: the best of three fp32 2048^3 matmuls on the training device, times MFU_CPU = 0.38:
+  - Speed: the best of three fp32 1024^3 matmuls on the training device, times MFU_CPU = 0.38:
     bench/mfu.py measured 31-44% of that peak for MiniLM and SmolLM2 LoRA steps on this 2-core CPU
     (bench/RESULTS.md). On a GPU the same utilisation is assumed, and the estimate says so: no GPU
     run calibrated it.
@@ -20,6 +20,7 @@ peak RSS: SmolLM2 LoRA, batch 1, 128 to 4,096 tokens (1,201 MB + 3.63 MB per tok
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -59,8 +60,12 @@ def model_shape(path: str, head: str | None, num_labels: int, trust_remote_code:
             "vocab": int(getattr(text, "vocab_size", 0)) if head is None else 0}
 
 
-def matmul_gflops(device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
-    """This machine's fp32 matmul speed now: the best of `repeats` n^3 products, in GFLOP/s."""
+@functools.cache
+def matmul_gflops(device: str = "cpu", n: int = 1024, repeats: int = 3) -> float:
+    """This machine's fp32 matmul speed: the best of `repeats` n^3 products, in GFLOP/s, measured once
+    per process. 1024^3 costs an eighth of bench/mfu.py's 2048^3 but reads lower (0.76x of it in one
+    measurement on the shared 2-core CPU), so the time estimate errs on the long side. It is measured
+    at check time: a busy machine gives a longer estimate, as training on it would take longer."""
     a = torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(repeats + 1):  # the first warms up
