@@ -292,3 +292,60 @@ def test_bad_input_names_file_and_line(tmp_path, tiny_bert, capsys):
     assert code == 0 and (tmp_path / "c.jsonl").read_text().splitlines()[2] == rows[2]  # kept for the user to fix
     with pytest.raises(TunesmithError, match="data file not found: .*missing.jsonl"):
         run(["data", "clean", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+
+
+# ---------------------------------------------------------------- the time and memory estimate
+def _estimate(task: str, shape: dict, lengths: list[int], gflops: float = 146.0, **train):
+    from tunesmith.config import load_config
+    from tunesmith.models.estimate import estimate
+
+    cfg = load_config({"task": task, "data": {"train": "x"}, "method": {"name": train.pop("method", "lora")},
+                       "train": train, "eval": {"before": False}})
+    return estimate(cfg, shape, lengths, 0, gflops, "cpu")
+
+
+def test_estimate_flops_by_hand():
+    shape = {"params": 1000, "matmul_params": 1000, "linear_in_out": 0, "layers": 2, "hidden": 10, "vocab": 0}
+    # full fine-tuning, 100 examples x 10 tokens, 1 epoch: 1,000 x (6 x 1,000 + 12 x 2 x 10 x 10) = 8.4e6 FLOPs,
+    # at 0.001 GFLOP/s x 0.38 utilisation: 22.1 s
+    e = _estimate("classification", shape, [10] * 100, gflops=0.001, method="full", epochs=1)
+    assert e["seconds"] == 22.1 and e["train_tokens_per_epoch"] == 1000
+    assert _estimate("classification", shape, [10] * 100, gflops=0.001, method="full", epochs=1,
+                     max_steps=5, batch_size=10)["seconds"] == 11.1  # 5 steps x 10 examples: half an epoch
+
+
+def test_estimate_matches_measured_runs(tmp_path):
+    """Calibration: bench/scaling.py's measured peak RSS and bench/mfu.py's seconds per step
+    (bench/RESULTS.md, 2-core CPU, fp32) against the estimate for the same shapes."""
+    from transformers import BertConfig, LlamaConfig
+
+    from tunesmith.models.estimate import model_shape
+
+    LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, tie_word_embeddings=True).save_pretrained(tmp_path / "smol")  # SmolLM2-135M
+    BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+               intermediate_size=1536).save_pretrained(tmp_path / "minilm")  # all-MiniLM-L6-v2
+    smol, minilm = model_shape(str(tmp_path / "smol"), None, 0), model_shape(str(tmp_path / "minilm"), "labels", 2)
+    assert smol["params"] == 134_515_008  # SmolLM2-135M's count
+    measured_mb = {128: 1702, 512: 2939, 2048: 8790, 4096: 16010}  # SmolLM2 LoRA, batch 1
+    for tokens, mb in measured_mb.items():
+        assert 0.9 < _estimate("sft", smol, [tokens], batch_size=1)["peak_memory_mb"] / mb < 1.1
+    ckpt = _estimate("sft", smol, [2048], batch_size=1, gradient_checkpointing=True)["peak_memory_mb"]
+    assert 0.9 < ckpt / 4864 < 1.15
+    assert 0.9 < _estimate("classification", minilm, [256] * 4, batch_size=4)["peak_memory_mb"] / 1090 < 1.1
+    # seconds per step at the measured matmul peak (134-158 GFLOP/s: 146): MiniLM 256 x 16 took 3.15 s,
+    # SmolLM2 128 x 8 8.72 s
+    assert 0.8 < _estimate("classification", minilm, [256] * 16, batch_size=16, epochs=1)["seconds"] / 3.15 < 1.3
+    assert 0.8 < _estimate("sft", smol, [128] * 8, batch_size=8, epochs=1)["seconds"] / 8.72 < 1.3
+
+
+def test_model_shape_counts_what_the_model_has(tiny_bert):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.models.estimate import model_shape
+
+    real = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    shape = model_shape(str(tiny_bert), "labels", 3)
+    assert shape["params"] == sum(p.numel() for p in real.parameters())
+    assert shape["matmul_params"] == sum(m.weight.numel() for m in real.modules() if isinstance(m, torch.nn.Linear))
