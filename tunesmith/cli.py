@@ -88,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="write the full report (every finding with all its rows) as JSON to OUT; alone: print it")
     dc.add_argument("--markdown", metavar="OUT", help="write the full report as Markdown to OUT")
     dc.add_argument("--no-label-check", action="store_true",
-                    help="skip the search for likely label errors (a cross-validated model: the slowest check)")
+                    help="skip the search for likely label errors (a cross-validated model)")
+    dc.add_argument("--token-sample", type=int, default=10_000, metavar="N",
+                    help="tokenise a random N examples of a larger file for the token statistics and the "
+                    "estimate (0: every example; the other checks always read every row)")
+    dc.add_argument("--near-threshold", type=float, default=0.6, metavar="J",
+                    help="word 3-gram Jaccard similarity from which rows are near-duplicates (default 0.6)")
     dl = dsub.add_parser("clean", help="write a copy of a file without its duplicate rows and the rows leaked "
                          "from the other side of the config's train/held-out split", epilog=EPILOG)
     dl.add_argument("file")
@@ -175,7 +180,8 @@ def run(argv: list[str]) -> int:
         from tunesmith.tasks.check import check_data, format_report
         from tunesmith.tasks.check_output import write_reports
 
-        report = check_data(args.file, args.config, rest, label_check=not args.no_label_check)
+        report = check_data(args.file, args.config, rest, label_check=not args.no_label_check,
+                            token_sample=args.token_sample or None, near_threshold=args.near_threshold)
         json_file = args.json if args.json not in (None, "-") else None
         write_reports(report, json_file, args.markdown)
         print(json.dumps(report, indent=2, default=str) if args.json == "-" else format_report(report))

@@ -89,17 +89,19 @@ def _trainable(cfg: RunConfig, shape: dict[str, int]) -> int:
 
 
 def estimate(cfg: RunConfig, shape: dict[str, int], train_lengths: list[int], eval_tokens: int,
-             gflops: float, device: str) -> dict[str, Any]:
-    """Training time (s) and peak memory (MB) of `cfg` on `train_lengths` (tokens per example after truncation)."""
+             gflops: float, device: str, scale: float = 1.0) -> dict[str, Any]:
+    """Training time (s) and peak memory (MB) of `cfg` on `train_lengths` (tokens per example after
+    truncation; a sample of them when `scale` = examples / sample size is above 1)."""
     head_only = cfg.method.name == "head"
     frozen = cfg.method.name not in ("full", "diff_pruning")
     n, lh = shape["matmul_params"], shape["layers"] * shape["hidden"]
     factor = 2 if head_only else (4 if frozen else 6)
-    tokens = sum(train_lengths)
-    mean_len = tokens / max(len(train_lengths), 1)
+    tokens = sum(train_lengths) * scale
+    n_train = len(train_lengths) * scale
+    mean_len = tokens / max(n_train, 1)
     epochs = cfg.train.epochs
     if cfg.train.max_steps is not None:  # max_steps overrides epochs: steps x examples per step
-        epochs = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum / max(len(train_lengths), 1)
+        epochs = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum / max(n_train, 1)
     train_flops = epochs * tokens * (factor * n + (4 if head_only else 12) * lh * mean_len)
     evals = (epochs if cfg.train.eval_every == "epoch" else 1) + (2 if cfg.eval.before else 1)
     eval_flops = evals * eval_tokens * (2 * n + 4 * lh * mean_len)
@@ -114,7 +116,7 @@ def estimate(cfg: RunConfig, shape: dict[str, int], train_lengths: list[int], ev
     weight_bytes = {"4bit": 0.6, "8bit": 1.1}.get(str(quant), 4.0) * shape["params"]
     state = _trainable(cfg, shape) * ADAM_BYTES[cfg.train.optimizer]
     peak_mb = OVERHEAD_MB + (weight_bytes + state + batch_tokens * per_token) / 2 ** 20
-    return {"train_tokens_per_epoch": tokens, "epochs": round(epochs, 3), "eval_tokens": eval_tokens,
+    return {"train_tokens_per_epoch": round(tokens), "epochs": round(epochs, 3), "eval_tokens": eval_tokens,
             "tflop": round((train_flops + eval_flops) / 1e12, 2), "device": device,
             "matmul_gflops": round(gflops, 1), "assumed_mfu": MFU_CPU, "seconds": round(seconds, 1),
             "peak_memory_mb": round(peak_mb), "longest_batch_tokens": batch_tokens,
@@ -124,12 +126,12 @@ def estimate(cfg: RunConfig, shape: dict[str, int], train_lengths: list[int], ev
 
 
 def estimate_run(cfg: RunConfig, model_path: str, num_labels: int, train_lengths: list[int],
-                 eval_tokens: int) -> dict[str, Any]:
+                 eval_tokens: int, scale: float = 1.0) -> dict[str, Any]:
     """`estimate` for a run config: its model's shape, its device's matmul speed measured now."""
     from tunesmith.models.device import resolve_device
 
     shape = model_shape(model_path, task_facts(cfg.task).head, num_labels, cfg.model.trust_remote_code)
     device = resolve_device(cfg.train)
     device = device if device in ("cpu", "cuda") else "cpu"
-    return {**estimate(cfg, shape, train_lengths, eval_tokens, matmul_gflops(device), device),
+    return {**estimate(cfg, shape, train_lengths, eval_tokens, matmul_gflops(device), device, scale),
             "params": shape["params"], "trainable_params": _trainable(cfg, shape)}

@@ -17,15 +17,24 @@ from tunesmith.tasks.check_output import format_report, markdown_report  # noqa:
 from tunesmith.tasks.findings import Finding
 
 
+TOKEN_SAMPLE = 10_000
+
+
 def check_data(path: str | Path, config: str | Path | dict | None = None,
-               overrides: dict | list[str] | None = None, *, label_check: bool = True) -> dict[str, Any]:
+               overrides: dict | list[str] | None = None, *, label_check: bool = True,
+               token_sample: int | None = TOKEN_SAMPLE, near_threshold: float = findings.NEAR_THRESHOLD) -> dict[str, Any]:
     """Read, validate and tokenise one file with a run config's data settings, as its task does,
     then run the quality checks (tasks/findings.py).
 
     Without a config (and no --task), the task follows the file's detected format (a chat file
     is checked as SFT data, a text+label file as classification).
     Args:
-        label_check: look for likely label errors (a cross-validated model; the slowest check).
+        label_check: look for likely label errors (a cross-validated model).
+        token_sample: tokenise at most this many examples, chosen at random (None: all). The
+            tokenizer is the slowest stage (about 250,000 tokens per CPU-second for MiniLM's), so
+            token statistics and the estimate of a larger file come from a sample; the other checks
+            always read every row.
+        near_threshold: word 3-gram Jaccard similarity from which two rows are near-duplicates.
     Returns:
         A report: rows, format, labels and balance, token-length stats, how many examples
         truncation cuts, what the task adds (preference pairs, target spread), `findings` (each
@@ -75,22 +84,23 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
         report["labels"] = {name: counts.get(name, 0) for name in labels}
         found += findings.balance(report["labels"], held_out)
     if examples and isinstance(examples[0], Example):  # text, classification and SFT records (pairs: task.describe)
-        found += _text_checks(report, examples, cfg, given, records, labels, label_check, clock)
+        found += _text_checks(report, examples, cfg, given, records, labels, label_check, near_threshold, clock)
     if examples:
         tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+        sample = _sample(examples, token_sample, cfg.data.seed)
         try:
-            feats, stats = task.encode(examples, fmt, cfg, tok, task.chat(cfg, fmt, examples, tok))
+            feats, stats = task.encode(sample, fmt, cfg, tok, task.chat(cfg, fmt, sample, tok))
         except DataError as e:
             report["problems"] += [str(p) for p in e.problems]
             feats, stats = [], None
         clock.lap("tokenize")
         report.update(task.describe(examples, feats))
         if stats is not None and stats.lengths:
-            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
+            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats), len(examples))
             if not held_out:
                 lengths = [len(f["input_ids"]) for f in feats if "input_ids" in f] or \
                     [min(n, cfg.data.max_length) for n in stats.lengths]  # what trains: truncated, packed
-                report["estimate"] = _estimate(cfg, lengths, len(labels or []))
+                report["estimate"] = _estimate(cfg, lengths, len(labels or []), len(examples) / len(sample))
                 clock.lap("estimate")
     report["findings"] = [f.as_dict() for f in found]
     for f in found:
@@ -101,20 +111,30 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
 
 
 class _Clock:
-    """Seconds per stage of the check, for the report (and bench/data_check.py)."""
+    """Wall and CPU seconds per stage of the check, for the report (and bench/data_check.py)."""
 
     def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self.laps: dict[str, dict[str, float]] = {}
+        self._t, self._cpu = time.perf_counter(), time.process_time()
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(self.laps.get(name, 0.0) + now - self._t, 3)
-        self._t = now
+        now, cpu = time.perf_counter(), time.process_time()
+        lap = self.laps.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+        lap["wall"] = round(lap["wall"] + now - self._t, 3)
+        lap["cpu"] = round(lap["cpu"] + cpu - self._cpu, 3)
+        self._t, self._cpu = now, cpu
+
+
+def _sample(examples: list, n: int | None, seed: int) -> list:
+    """All examples, or a seeded random `n` of them (in file order) when there are more."""
+    if not n or len(examples) <= n:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    return [examples[i] for i in keep]
 
 
 def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, records, labels, label_check: bool,
-                 clock: _Clock) -> list[Finding]:
+                 near: float, clock: _Clock) -> list[Finding]:
     """Duplicates, leakage against the config's other files, junk, length outliers, label errors."""
     everything = [findings.all_text(e) for e in examples]
     w_all = dedup.words(everything)
@@ -122,10 +142,10 @@ def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, re
     w_in = w_all if inputs == everything else dedup.words(inputs)
     clock.lap("words")
     split_from_file = given is None or not (given.data.test and given.data.validation)
-    out = findings.duplicates(examples, dedup.shingle(w_in, findings.SHINGLE), split_from_file)
+    out = findings.duplicates(examples, dedup.shingle(w_in, findings.SHINGLE), split_from_file, near)
     clock.lap("duplicates")
     if given is not None:
-        out += _against_other_files(report, records, examples, cfg, given, labels is not None)
+        out += _against_other_files(report, records, examples, cfg, given, labels is not None, near)
         clock.lap("leakage")
     out += findings.junk(examples, everything, w_all) + findings.lengths(examples, w_all)
     clock.lap("junk_and_lengths")
@@ -138,12 +158,12 @@ def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, re
 
 
 def _against_other_files(report: dict[str, Any], records, examples: list[Example], cfg, given,
-                         labelled: bool) -> list[Finding]:
+                         labelled: bool, near: float) -> list[Finding]:
     """The checked file against the config's other data files: labels a held-out file has that
     training never shows (the trained head cannot predict them; `eval` fails on them), and rows
     that repeat, exactly or nearly, a row on the other side of the split."""
     here = cfg.data.train
-    trains = [given.data.train] if isinstance(given.data.train, str) else list(given.data.train or [])
+    trains = [s.path for s in given.data.sources()]
     held_out = [f for f in (given.data.validation, given.data.test) if f and f != here]
     # (training file, held-out file): the checked file is one side of each pair
     pairs = [(here, t) for t in held_out] if here in trains else [(t, here) for t in trains if t != here]
@@ -165,7 +185,7 @@ def _against_other_files(report: dict[str, Any], records, examples: list[Example
         mine, theirs = {findings.input_text(e) for e in examples}, {findings.input_text(e) for e in other}
         overlap = len(mine & theirs)
         sh = dedup.shingle(dedup.words([findings.input_text(e) for e in examples + other]), findings.SHINGLE)
-        leaks = findings.leakage(examples, other, sh, train_file == here, other_file)
+        leaks = findings.leakage(examples, other, sh, train_file == here, other_file, near)
         for f in leaks:
             if f.check == "leakage":  # the count of distinct inputs, as this message always said
                 n_test = len(theirs) if train_file == here else len(mine)
@@ -181,24 +201,26 @@ def _plain_examples(records, cfg) -> list[Example]:
     return [Example(r.where, text=str(rename_columns(r, cfg.data.columns).get("text"))) for r in records]
 
 
-def _estimate(cfg, lengths: list[int], num_labels: int) -> dict[str, Any]:
+def _estimate(cfg, lengths: list[int], num_labels: int, scale: float) -> dict[str, Any]:
     """Training time and peak memory (models/estimate.py) for the part of the file that trains.
 
-    When validation/test are cut from this file, they are taken off at random (as the split does);
-    the evaluation passes are then costed on them, else on a tenth of the file (a guess).
+    `lengths` are a sample's (or all) examples' token counts; `scale` = examples / sample size.
+    When validation/test are cut from this file, they are taken off at random (as the split does)
+    and the evaluation passes are costed on them; else on a tenth of the file (a guess).
     """
     from tunesmith.models.estimate import estimate_run
     from tunesmith.models.load import resolve_model_path
 
     d = cfg.data
-    n = len(lengths)
-    held = [0 if path else (round(size * n) if isinstance(size, float) else int(size))
-            for path, size in ((d.validation, d.val_size), (d.test, d.test_size))]
-    order = np.random.default_rng(d.seed).permutation(n)
-    n_eval = min(sum(held), n - 1)
+    total = round(len(lengths) * scale)
+    held = sum(0 if path else (round(size * total) if isinstance(size, float) else int(size))
+               for path, size in ((d.validation, d.val_size), (d.test, d.test_size)))
+    n_eval = min(round(held / scale), len(lengths) - 1)
+    order = np.random.default_rng(d.seed).permutation(len(lengths))
     train = [lengths[i] for i in order[n_eval:]]
     eval_tokens = sum(lengths[i] for i in order[:n_eval]) if n_eval else sum(lengths) // 10
-    return estimate_run(cfg, resolve_model_path(cfg.model.name_or_path), num_labels, train, eval_tokens // 2)
+    return estimate_run(cfg, resolve_model_path(cfg.model.name_or_path), num_labels, train,
+                        round(eval_tokens * scale) // 2, scale)
 
 
 def _label_values(records, cfg) -> list[str]:
@@ -206,8 +228,11 @@ def _label_values(records, cfg) -> list[str]:
     return [str(v).strip() for v in values if v is not None]
 
 
-def _token_stats(stats, max_length: int, features: int) -> dict[str, Any]:
+def _token_stats(stats, max_length: int, features: int, examples: int) -> dict[str, Any]:
     lens = np.array(stats.lengths)
-    return {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
-            "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
-            "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
+    out = {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
+           "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
+           "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
+    if len(lens) < examples:
+        out["sample"] = {"examples": len(lens), "of": examples}
+    return out

@@ -39,8 +39,11 @@ def _summary_lines(r: dict[str, Any]) -> list[str]:
                          "a reward model may learn length instead of quality")
     if "tokens" in r:
         t = r["tokens"]
-        lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
+        s = t.get("sample")
+        of = f" (a random {s['examples']} of {s['of']} examples)" if s else ""
+        lines.append(f"tokens per example{of}: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
         lines.append(f"truncation at max_length={t['max_length']}: {t['truncated']} example(s) cut"
+                     + (f" in the sample (~{round(t['truncated'] * s['of'] / s['examples'])} in the file)" if s else "")
                      + (f", {t['dropped']} left with no answer tokens (dropped)" if t["dropped"] else ""))
     if r.get("findings") is not None:
         counts = {}
