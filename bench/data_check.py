@@ -98,7 +98,7 @@ def build(rows: int, seed: int) -> tuple[Path, dict]:
     while len(data) < rows - n_copies:
         label = rng.choice(sorted(by_label))
         data.append((composite(by_label[label], rng), label))
-    vocab = list({w for t, _ in base[:2000] for w in t.split()})
+    vocab = sorted({w for t, _ in base[:2000] for w in t.split()})  # sorted: a set's order changes per process
     n_orig = len(data)
     labels = [l for _, l in data]
     flipped = set(rng.sample(range(n_orig), n_orig // 20))
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="builtin:all-MiniLM-L6-v2", help="whose tokenizer counts the tokens")
-    ap.add_argument("--token-sample", type=int, default=10_000, help="as data check's --token-sample (0: all)")
+    ap.add_argument("--token-sample", type=int, default=5_000, help="as data check's --token-sample (0: all)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
@@ -218,7 +218,7 @@ def main() -> None:
               "stages": report["timings"], "load_average_before": [round(x, 1) for x in load_before],
               "load_average_after": [round(x, 1) for x in os.getloadavg()], "cpus": os.cpu_count(),
               **score(report, truth), "false_positives_that_are_imdb_repeats": natural_duplicates(path, report, truth)}
-    (OUT / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / f"result-{truth['rows']}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"\nnear-duplicate recall {result['near_duplicate_recall']:.1%} [>= 90%] at false-positive rate "
           f"{result['false_positive_rate']:.3%} [<= 1%]; label-flip precision {result['label_flip_precision']:.1%} "

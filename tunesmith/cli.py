@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--markdown", metavar="OUT", help="write the full report as Markdown to OUT")
     dc.add_argument("--no-label-check", action="store_true",
                     help="skip the search for likely label errors (a cross-validated model)")
-    dc.add_argument("--token-sample", type=int, default=10_000, metavar="N",
+    dc.add_argument("--token-sample", type=int, default=5_000, metavar="N",
                     help="tokenise a random N examples of a larger file for the token statistics and the "
                     "estimate (0: every example; the other checks always read every row)")
     dc.add_argument("--near-threshold", type=float, default=0.6, metavar="J",

@@ -17,22 +17,30 @@ from scipy import sparse
 from tunesmith.data.dedup import Words
 
 HASH_DIM = 1 << 20
-SGD_FROM = 10_000  # rows: from here on the regression is fitted by SGD (see out_of_sample_probs)  # hashed unigram features; collisions among ~100k words are rare
+SGD_FROM = 10_000  # rows: from here on the regression is fitted by SGD (see out_of_sample_probs)
+PAIRS_UNTIL = 50_000  # rows: below this, word pairs are features too (see features)  # hashed unigram features; collisions among ~100k words are rare
 
 
 def features(w: Words, min_df: int = 2) -> sparse.csr_matrix:
-    """TF-IDF (sublinear tf, l2) of each text's words and word pairs, hashed; only columns present in
-    >= min_df texts. Pairs lift held-out IMDB accuracy from 0.89 to 0.90 and flip precision from
-    0.50 to 0.55 (5% flips, 25,000 reviews), for 2.5x the time."""
+    """TF-IDF (sublinear tf, l2) of each text's words, and word pairs below PAIRS_UNTIL texts, hashed;
+    only columns present in >= min_df texts.
+
+    Pairs lift held-out IMDB accuracy from 0.89 to 0.90 and flip precision from 0.50 to 0.55 (5%
+    flips, 25,000 reviews). At 100,000 rows (bench/data_check.py) they cost 19 + 6 of 35 CPU-seconds
+    for 0.89 against 0.83 precision, so larger files use words alone to stay within a minute.
+    """
     from sklearn.feature_extraction.text import TfidfTransformer
 
     n = len(w.offsets) - 1
     ids = w.ids.astype(np.uint64)
     text_of = np.repeat(np.arange(n), w.counts)
-    pair_ok = text_of[1:] == text_of[:-1]  # (total - 1,): word i and i+1 are in the same text
-    pairs = (ids[:-1] * np.uint64(1_000_003) + ids[1:]) ^ np.uint64(0x9E3779B97F4A7C15)
-    cols = np.concatenate([ids % np.uint64(HASH_DIM), pairs[pair_ok] % np.uint64(HASH_DIM)]).astype(np.int64)
-    rows = np.concatenate([text_of, text_of[:-1][pair_ok]])
+    cols, rows = ids % np.uint64(HASH_DIM), text_of
+    if n < PAIRS_UNTIL:
+        pair_ok = text_of[1:] == text_of[:-1]  # (total - 1,): word i and i+1 are in the same text
+        pairs = (ids[:-1] * np.uint64(1_000_003) + ids[1:]) ^ np.uint64(0x9E3779B97F4A7C15)
+        cols = np.concatenate([cols, pairs[pair_ok] % np.uint64(HASH_DIM)])
+        rows = np.concatenate([text_of, text_of[:-1][pair_ok]])
+    cols = cols.astype(np.int64)
     counts = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(n, HASH_DIM))
     counts.sum_duplicates()
     df = np.bincount(counts.indices, minlength=HASH_DIM)
