@@ -7,7 +7,7 @@ label-flip precision, and the time to check 100,000 rows (issue 23).
 The data (written to bench/results/data_check/train.csv, rebuilt each run from a fixed seed):
   - the 25,000 IMDB reviews that ship offline (builtin:imdb);
   - composite reviews up to rows - copies: each is a random half of the sentences of each of 3
-    reviews of the same label, shuffled. IMDB ships 25,000 reviews, not 100,000; a composite shares
+    reviews (of 4+ sentences) of the same label, shuffled. IMDB ships 25,000 reviews, not 100,000; a composite shares
     about a quarter of its word 3-grams with any one source, so composites are new texts, not
     near-copies of each other or of IMDB (the false-positive count below would show it otherwise);
   - `copies` (2% of rows) edited copies of random rows, a quarter at each edit level:
@@ -54,10 +54,16 @@ def imdb() -> list[tuple[str, str]]:
 
 
 def composite(pool: list[str], rng: random.Random) -> str:
+    """Half the sentences of each of 3 reviews of 4+ sentences (a review of one long sentence would
+    otherwise come whole, and the composite would be a near-copy of it)."""
     parts = []
-    for text in rng.sample(pool, 3):
-        sents = [s for s in SENTENCE.split(text) if s.strip()]
-        parts += rng.sample(sents, max(1, len(sents) // 2))
+    sources: list[list[str]] = []
+    while len(sources) < 3:
+        sents = [s for s in SENTENCE.split(rng.choice(pool)) if s.strip()]
+        if len(sents) >= 4:
+            sources.append(sents)
+    for sents in sources:
+        parts += rng.sample(sents, len(sents) // 2)
     rng.shuffle(parts)
     return " ".join(parts)
 
