@@ -26,8 +26,8 @@ def features(w: Words, min_df: int = 2) -> sparse.csr_matrix:
     only columns present in >= min_df texts.
 
     Pairs lift held-out IMDB accuracy from 0.89 to 0.90 and flip precision from 0.50 to 0.55 (5%
-    flips, 25,000 reviews). At 100,000 rows (bench/data_check.py) they cost 19 + 6 of 35 CPU-seconds
-    for 0.89 against 0.83 precision, so larger files use words alone to stay within a minute.
+    flips, 25,000 reviews). At 100,000 rows (bench/data_check.py) they took the check from about 13
+    to 49 CPU-seconds for 0.89 against 0.83 precision, so larger files use words alone.
     """
     from sklearn.feature_extraction.text import TfidfTransformer
 
