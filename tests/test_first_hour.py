@@ -244,8 +244,8 @@ def test_errors_name_the_users_columns(tmp_path, sentiment_rows):
 
 def test_data_check_without_config_follows_the_format(tmp_path, tiny_llama, capsys):
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
-                                                               {"role": "assistant", "content": "a"}]} for i in range(3)])
-    assert run(["data", "check", str(chat), f"--model.name_or_path={tiny_llama}"]) == 0
+                                                               {"role": "assistant", "content": "a"}]} for i in range(12)])
+    assert run(["data", "check", str(chat), f"--model.name_or_path={tiny_llama}"]) == 0  # 12 rows: no size error
     out = capsys.readouterr().out
     assert "task: sft (detected from the file" in out and "format: chat" in out
 

@@ -84,7 +84,22 @@ def _parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="report what the pipeline makes of a file, with every error", epilog=EPILOG)
     dc.add_argument("file")
     dc.add_argument("--config", help="run config whose data/model settings to use")
-    dc.add_argument("--json", action="store_true", help="print the report as JSON")
+    dc.add_argument("--json", nargs="?", const="-", metavar="OUT",
+                    help="write the full report (every finding with all its rows) as JSON to OUT; alone: print it")
+    dc.add_argument("--markdown", metavar="OUT", help="write the full report as Markdown to OUT")
+    dc.add_argument("--no-label-check", action="store_true",
+                    help="skip the search for likely label errors (a cross-validated model)")
+    dc.add_argument("--token-sample", type=int, default=5_000, metavar="N",
+                    help="tokenise a random N examples of a larger file for the token statistics and the "
+                    "estimate (0: every example; the other checks always read every row)")
+    dc.add_argument("--near-threshold", type=float, default=0.6, metavar="J",
+                    help="word 3-gram Jaccard similarity from which rows are near-duplicates (default 0.6)")
+    dl = dsub.add_parser("clean", help="write a copy of a file without its duplicate rows and the rows leaked "
+                         "from the other side of the config's train/held-out split", epilog=EPILOG)
+    dl.add_argument("file")
+    dl.add_argument("--config", help="run config (its other data files are checked for leakage)")
+    dl.add_argument("--out", required=True, help="the cleaned copy (same extension as FILE)")
+    dl.add_argument("--overwrite", action="store_true")
 
     sv = sub.add_parser("serve", help="serve runs (many LoRA adapters over one base) behind an OpenAI-compatible API")
     sv.add_argument("models", nargs="+", metavar="RUN_OR_MODEL", help="runs and/or a base model; adapter runs of "
@@ -157,11 +172,22 @@ def run(argv: list[str]) -> int:
             print(f"{split}: {s['rows']} rows from {s['prompts']} prompts ({s['skipped']} skipped: ties or fewer than 2 non-empty samples), mean reward "
                   f"best {s['mean_best_reward']:.3f} / worst {s['mean_worst_reward']:.3f}")
         print(f"written to {args.out}")
+    elif args.command == "data" and args.data_command == "clean":
+        from tunesmith.tasks.clean import clean_data, format_clean
+
+        print(format_clean(clean_data(args.file, args.config, args.out, rest, args.overwrite)))
     elif args.command == "data":
         from tunesmith.tasks.check import check_data, format_report
+        from tunesmith.tasks.check_output import write_reports
 
-        report = check_data(args.file, args.config, rest)
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        report = check_data(args.file, args.config, rest, label_check=not args.no_label_check,
+                            token_sample=args.token_sample or None, near_threshold=args.near_threshold)
+        json_file = args.json if args.json not in (None, "-") else None
+        write_reports(report, json_file, args.markdown)
+        print(json.dumps(report, indent=2, default=str) if args.json == "-" else format_report(report))
+        for path in (json_file, args.markdown):
+            if path:
+                print(f"wrote {path}", file=sys.stderr)
         return 1 if report["problems"] else 0
     elif args.command == "serve":
         _no_overrides(rest)

@@ -91,13 +91,32 @@ class TemplateConfig(_Section):
     completion: str | None = Field(None, description="Format string for the target text, e.g. '{answer}'.")
 
 
+class TrainSource(_Section):
+    """One source of a data mix (data.train as a list)."""
+
+    path: str = Field(description="A data file, folder or builtin: alias.")
+    weight: float = Field(1.0, gt=0, description="How much of this source one epoch sees, relative to its size: 1 = "
+                          "each example once, 2 = twice, 0.5 = half of them (data.mix says which half).")
+
+
 class DataConfig(_Section):
-    train: str | list[str] | None = Field(
+    train: str | list[str | TrainSource] | None = Field(
         None,
         description="Training data: .jsonl/.json, .csv, .parquet, .txt, a folder of .txt files, a folder "
         "saved by datasets.save_to_disk, or a builtin: alias (builtin:imdb, builtin:rotten-tomatoes, builtin:kjv). "
-        "A list mixes several sources of the same format (e.g. your data + general data against forgetting).",
+        "A list mixes several sources of the same format (e.g. your data + general data against forgetting); "
+        "an item may be {path, weight} to give one source more or less of each epoch (data.mix).",
     )
+    mix: Literal["repeat", "sample"] = Field(
+        "repeat", description="How source weights act. repeat: a source of weight 2.5 appears twice plus a fixed "
+        "random half once more, the same examples every epoch (an exact, reproducible dose). sample: every epoch "
+        "draws weight x size examples of each source afresh (with replacement above 1), so a down-weighted source "
+        "shows different examples each epoch.")
+    order: Literal["random", "short_to_long", "score"] = Field(
+        "random", description="Training order within an epoch. random: shuffled (batches of similar length when "
+        "train.group_by_length). short_to_long: a curriculum from the fewest tokens to the most. score: ascending by "
+        "data.score_column (e.g. a difficulty score), ties in random order.")
+    score_column: str | None = Field(None, description="[order: score] The column whose number orders training.")
     validation: str | None = Field(None, description="Validation file (else split from train by val_size).")
     test: str | None = Field(None, description="Held-out test file (else split from train by test_size).")
     format: Literal["auto", "text", "classification", "prompt_completion", "instruction", "chat"] = Field(
@@ -143,6 +162,15 @@ class DataConfig(_Section):
     test_size: int | float = Field(0.1, ge=0, description="Test split from train when no test file.")
     stratify: bool = Field(True, description="Classification: keep label proportions in every split.")
     seed: int = Field(42, description="Seed for splitting and shuffling data.")
+
+    def sources(self) -> list[TrainSource]:
+        """data.train as a list of {path, weight} (a plain path weighs 1)."""
+        items = [self.train] if isinstance(self.train, str) else list(self.train or [])
+        return [x if isinstance(x, TrainSource) else TrainSource(path=x) for x in items]
+
+    def train_name(self) -> str:
+        """data.train in words: its path, or its sources' paths."""
+        return ", ".join(s.path for s in self.sources())
 
 
 MethodName = Literal["full", "head", "lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "prompt", "ptuning",
@@ -439,6 +467,10 @@ class RunConfig(_Section):
                             "step that fixes the mask; evaluations before it are of an unpruned diff)")
         if self.pref.reward_label is not None and not self.pref.reward_model:
             problems.append("pref.reward_label: only applies with pref.reward_model")
+        if self.data.order == "score" and not self.data.score_column:
+            problems.append("data.order: 'score' needs data.score_column (the column to order by)")
+        if self.data.score_column and self.data.order != "score":
+            problems.append("data.score_column: only used with data.order: score")
         for split in ("val_size", "test_size"):
             v = getattr(self.data, split)
             if isinstance(v, float) and v >= 1:
@@ -569,8 +601,9 @@ def _resolve_paths(tree: dict, base: Path, only: set[str] | None = None) -> None
         if not isinstance(node, dict) or node.get(key) is None:
             continue
         value = node[key]
-        if isinstance(value, list):
-            node[key] = [_absolute(dotted, v, base) for v in value]
+        if isinstance(value, list):  # data.train's sources: paths, or {path, weight}
+            node[key] = [{**v, "path": _absolute(dotted, v.get("path"), base)} if isinstance(v, dict)
+                         else _absolute(dotted, v, base) for v in value]
         else:
             node[key] = _absolute(dotted, value, base)
 
@@ -679,7 +712,7 @@ def check_inputs_exist(cfg: RunConfig) -> None:
         ConfigError: naming each missing file by its field and resolved path.
     """
     d = cfg.data
-    sources = [("data.train", s) for s in ([d.train] if isinstance(d.train, str) else d.train or [])]
+    sources = [("data.train", s.path) for s in d.sources()]
     sources += [("data.validation", d.validation), ("data.test", d.test)]
     missing = [f"data file not found: {s} ({field})" for field, s in sources
                if s and not s.startswith("builtin:") and not Path(s).exists()]

@@ -28,6 +28,24 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out` (same folder, so the rename is atomic) that replaces
+    `out` only if the block succeeds: a reader never sees a half-written file, and a failure
+    leaves the old file (or none) and no temporary behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """A command's --out may be new or empty; an existing non-empty folder only with --overwrite."""
     from tunesmith.errors import TunesmithError

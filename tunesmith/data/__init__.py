@@ -13,7 +13,7 @@ from tunesmith.data.formats import check_columns, file_columns, filter_where, in
 from tunesmith.data.readers import Record, read_records
 from tunesmith.data.splits import take
 from tunesmith.data.tokenize import TokenStats
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import DataError, Problem, TunesmithError
 
 # A task's reader: (records, run config, labels, label names) -> (format, examples); raises DataError.
 ReadFn = Callable[[list[Record], RunConfig, "list[str] | None", "list[str] | None"], tuple[str, list[Any]]]
@@ -24,6 +24,16 @@ class Split:
     examples: list[Any]  # data.formats.Example, pref.data.PrefExample, ... as the task reads them
     features: list[dict[str, Any]] = field(default_factory=list)
     stats: TokenStats = field(default_factory=TokenStats)
+    sources: list[int] | None = None  # per feature: its data.train source (several sources only)
+    scores: list[float] | None = None  # per feature: data.score_column (data.order: score only)
+
+
+@dataclass
+class Meta:
+    """Per example of a split, before encoding: its source and its score (data.order: score)."""
+
+    sources: list[int]
+    scores: list[float] | None
 
 
 @dataclass
@@ -32,6 +42,7 @@ class PreparedData:
     labels: list[str] | None
     chat: bool  # prompts rendered with the tokenizer's chat template
     splits: dict[str, Split]  # "train", and "validation" / "test" when present
+    source_names: list[str] | None = None  # data.train's sources, when there are several
 
 
 def load_records(source: str, cfg: DataConfig, problems: list | None = None) -> tuple[list[Record], dict[str, Any]]:
@@ -66,7 +77,7 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
 
 
 def _source_name(cfg: RunConfig) -> str:
-    return cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train or [])
+    return cfg.data.train_name()
 
 
 def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]]]:
@@ -75,16 +86,39 @@ def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None,
     Splits are taken per record, before a task expands one (a ranking's pairs never straddle splits).
     Returns (format, labels, splits).
     """
+    fmt, labels, out, _ = split_with_meta(cfg, read)
+    return fmt, labels, out
+
+
+def split_with_meta(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]], dict[str, Meta]]:
+    """split_examples, plus each example's source (data.train's list) and score (data.order: score).
+
+    Each source is read on its own (so every example knows its source); held-out splits cut from the
+    training data are cut from the pooled sources, so they hold every source in proportion.
+    """
     d = cfg.data
-    train_recs: list[Record] = []
+    per_source: list[list[Record]] = []
     src: dict[str, Any] = {}
-    for source in [d.train] if isinstance(d.train, str) else d.train:
-        recs, s = load_records(source, d)
-        train_recs += recs
+    for source in d.sources():
+        recs, s = load_records(source.path, d)
+        per_source.append(recs)
         src = src or s  # the first source's builtin defaults (labels) apply
+    train_recs = [r for recs in per_source for r in recs]
     labels = resolve_labels(cfg, train_recs, src)
     names = labels or d.labels or src.get("labels")  # lets a template say {label_name} for 0/1 labels
-    fmt, pool = read(train_recs, cfg, labels, names)
+    pool, tag, problems = [], {}, []
+    fmt = ""
+    for k, recs in enumerate(per_source if len(per_source) > 1 else [train_recs]):
+        try:
+            fmt, exs = read(recs, cfg, labels, names)
+        except DataError as e:  # every source's problems together
+            problems += e.problems
+            continue
+        pool += exs
+        tag.update((id(e), k) for e in exs)
+    if problems:
+        raise DataError(problems)
+    score = _scores(pool, train_recs, d) if d.order == "score" else None
     out: dict[str, list[Any]] = {}
     strat = (lambda xs: [e.label for e in xs]) if (labels and d.stratify) else (lambda xs: None)
     for name, path, size, key in (("test", d.test, d.test_size, "data.test_size"),
@@ -98,7 +132,24 @@ def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None,
     if d.train_size is not None and _smaller(d.train_size, len(pool)):
         pool, _ = take(pool, d.train_size, d.seed + 1, strat(pool), "data.train_size")
     out["train"] = pool
-    return fmt, labels, out
+    meta = {name: Meta([tag.get(id(e), 0) for e in exs], [score[id(e)] for e in exs] if score and name == "train"
+                       else None) for name, exs in out.items()}
+    return fmt, labels, out, meta
+
+
+def _scores(pool: list[Any], records: list[Record], d: DataConfig) -> dict[int, float]:
+    """data.score_column of each example's record, as a number (a clear error names file, line, field)."""
+    fields = {(r.where.path, r.where.line): r.fields for r in records}
+    col, out, problems = d.score_column, {}, []
+    for e in pool:
+        value = fields.get((e.where.path, e.where.line), {}).get(col)
+        try:
+            out[id(e)] = float(value)
+        except (TypeError, ValueError):
+            problems.append(Problem(e.where, "missing" if value is None else f"not a number: {value!r}", col))
+    if problems:
+        raise DataError(problems)
+    return out
 
 
 def _smaller(size: int | float, n: int) -> bool:

@@ -74,6 +74,14 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
         # an online task's held-out data are prompts: its metrics come from sampling (evaluate_more)
         "metrics": {} if task.online else score_features(model, feats, cfg, data.labels, tokenizer.pad_token_id, acc),
     }
+    sources = data.splits[split].sources
+    if sources is not None and data.source_names and not task.online:  # a data mix: each source's own metrics
+        sources = sources[: len(feats)]
+        result["per_source"] = {
+            name: {"examples": sum(s == k for s in sources),
+                   "metrics": score_features(model, [f for f, s in zip(feats, sources) if s == k], cfg, data.labels,
+                                             tokenizer.pad_token_id, acc)}
+            for k, name in enumerate(data.source_names) if k in set(sources)}
     task.evaluate_more(result, model, tokenizer, data, cfg, acc, split)
     result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
     result["warnings"] = metric_warnings(result["metrics"])

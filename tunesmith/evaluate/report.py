@@ -35,6 +35,13 @@ def comparison_markdown(before: dict | None, after: dict) -> str:
         if k in after["metrics"]:
             b = _fmt(before["metrics"][k]) if before else "-"
             lines.append(f"| {k} | {b} | {_fmt(after['metrics'][k])} |")
+    if after.get("per_source"):  # a data mix: how each source fares, before and after
+        lines += ["", "| source | examples | metric | before | after |", "|---|---|---|---|---|"]
+        for name, res in after["per_source"].items():
+            b_res = (before or {}).get("per_source", {}).get(name)
+            for k in [k for k in _HEADLINE if k in res["metrics"]][:2]:
+                b = _fmt(b_res["metrics"][k]) if b_res else "-"
+                lines.append(f"| `{name}` | {res['examples']} | {k} | {b} | {_fmt(res['metrics'][k])} |")
     lines += ["", "| input | before | after |", "|---|---|---|"]
     for i, s in enumerate(after["samples"]):
         b = _cell(before["samples"][i]) if before else "-"

@@ -13,12 +13,13 @@ import torch
 from accelerate import Accelerator
 
 from tunesmith.config import DataConfig, RunConfig
-from tunesmith.data import PreparedData, Split, split_examples
+from tunesmith.data import Meta, PreparedData, Split, split_with_meta
 from tunesmith.data.collate import batch_order
 from tunesmith.data.formats import detect_format
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import TokenStats, render_prompt
 from tunesmith.methods.folded import lora_folded
+from tunesmith.errors import TunesmithError
 from tunesmith.objectives import LossOut
 
 Predicts = Literal["classify", "score", "generate"]
@@ -95,10 +96,39 @@ class Task:
         Raises:
             TunesmithError / DataError naming file, line and field for any bad input.
         """
-        fmt, labels, split_exs = split_examples(cfg, self.read)
+        fmt, labels, split_exs, meta = split_with_meta(cfg, self.read)
         chat = self.chat(cfg, fmt, [e for exs in split_exs.values() for e in exs], tokenizer)
-        splits = {name: Split(exs, *self.encode(exs, fmt, cfg, tokenizer, chat)) for name, exs in split_exs.items()}
-        return PreparedData(fmt=fmt, labels=labels, chat=chat, splits=splits)
+        mixed = len(cfg.data.sources()) > 1
+        splits = {name: self._encode(exs, meta[name], mixed, fmt, cfg, tokenizer, chat) for name, exs in split_exs.items()}
+        names = [s.path for s in cfg.data.sources()] if mixed else None
+        return PreparedData(fmt=fmt, labels=labels, chat=chat, splits=splits, source_names=names)
+
+    def _encode(self, exs: list[Any], meta: Meta, mixed: bool, fmt: str, cfg: RunConfig, tokenizer, chat: bool) -> Split:
+        """Encode a split; with several sources, one source at a time (a CPT block never spans two), so
+        each feature knows its source; with data.order: score, each source's examples by score."""
+        if not mixed and meta.scores is None:
+            return Split(exs, *self.encode(exs, fmt, cfg, tokenizer, chat))
+        out = Split([], [], TokenStats(), [] if mixed else None, [] if meta.scores is not None else None)
+        for k in sorted(set(meta.sources)):
+            idx = [i for i, s in enumerate(meta.sources) if s == k]
+            if meta.scores is not None:
+                idx.sort(key=lambda i: meta.scores[i])
+            group = [exs[i] for i in idx]
+            feats, stats = self.encode(group, fmt, cfg, tokenizer, chat)
+            if meta.scores is not None:
+                if len(feats) != len(group):
+                    raise TunesmithError(f"data.order: score needs one feature per example, but {len(group)} examples "
+                                         f"of {cfg.data.sources()[k].path} made {len(feats)} (packed or dropped); use "
+                                         "data.order: short_to_long, or data.packing: false")
+                out.scores += [meta.scores[i] for i in idx]
+            out.examples += group
+            out.features += feats
+            out.stats.lengths += stats.lengths
+            out.stats.truncated += stats.truncated
+            out.stats.dropped += stats.dropped
+            if mixed:
+                out.sources += [k] * len(feats)
+        return out
 
 
 # ---------------------------------------------------------------- shared by several tasks

@@ -1,7 +1,7 @@
 """`tunesmith data check`: what the pipeline will make of a file, before any training."""
 from __future__ import annotations
 
-import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,27 +9,43 @@ from typing import Any
 import numpy as np
 
 from tunesmith.config import load_config, parse_overrides
-from tunesmith.data import load_records, resolve_labels
+from tunesmith.data import dedup, load_records, resolve_labels
 from tunesmith.data.formats import Example, infer_labels, rename_columns
 from tunesmith.errors import ConfigError, DataError, TunesmithError
-from tunesmith.tasks import get_task, task_for_format, to_examples
+from tunesmith.tasks import findings, get_task, task_for_format, to_examples
+from tunesmith.tasks.check_output import format_report, markdown_report  # noqa: F401 (the API's names)
+from tunesmith.tasks.findings import Finding
+
+
+TOKEN_SAMPLE = 5_000  # IMDB-sized reviews: about 8 CPU-seconds of MiniLM's tokenizer
 
 
 def check_data(path: str | Path, config: str | Path | dict | None = None,
-               overrides: dict | list[str] | None = None) -> dict[str, Any]:
-    """Read, validate and tokenise one file with a run config's data settings, as its task does.
+               overrides: dict | list[str] | None = None, *, label_check: bool = True,
+               token_sample: int | None = TOKEN_SAMPLE, near_threshold: float = findings.NEAR_THRESHOLD) -> dict[str, Any]:
+    """Read, validate and tokenise one file with a run config's data settings, as its task does,
+    then run the quality checks (tasks/findings.py).
 
     Without a config (and no --task), the task follows the file's detected format (a chat file
     is checked as SFT data, a text+label file as classification).
+    Args:
+        label_check: look for likely label errors (a cross-validated model).
+        token_sample: tokenise at most this many examples, chosen at random (None: all). The
+            tokenizer is the slowest stage (about 200,000 tokens per CPU-second for MiniLM's), so
+            token statistics and the estimate of a larger file come from a sample; the other checks
+            always read every row.
+        near_threshold: word 3-gram Jaccard similarity from which two rows are near-duplicates.
     Returns:
         A report: rows, format, labels and balance, token-length stats, how many examples
-        truncation cuts, what the task adds (preference pairs, target spread), and `problems`
-        (every bad record with file, line and field, and test labels the training data never
-        shows) and `warnings` (duplicates, test inputs repeated from training). An unreadable file
-        still raises.
+        truncation cuts, what the task adds (preference pairs, target spread), `findings` (each
+        check's verdict with every row it concerns as file and line), `problems` (every bad record
+        with file, line and field, and the error findings), `warnings` and `notes` (the other
+        findings' messages), an `estimate` of training time and peak memory, and `timings`.
+        An unreadable file still raises.
     """
     from tunesmith.models.load import load_tokenizer, resolve_model_path
 
+    clock = _Clock()
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     try:  # the config's own data files, for the cross-file checks
         given = load_config(config, ov) if config is not None else None
@@ -37,7 +53,7 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
         given = None
     ov["data.train"] = str(path)
     cfg = load_config(config, ov)
-    report: dict[str, Any] = {"file": cfg.data.train, "task": cfg.task, "problems": [], "warnings": []}
+    report: dict[str, Any] = {"file": cfg.data.train, "task": cfg.task, "problems": [], "warnings": [], "notes": []}
     read_problems: list = []
     records, src = load_records(cfg.data.train, cfg.data, read_problems)  # malformed lines are collected, not raised
     report["problems"] = [str(p) for p in read_problems]
@@ -58,68 +74,105 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
         bad = {(p.where.path, p.where.line) for p in e.problems}
         good = [r for r in records if (r.where.path, r.where.line) not in bad]
         fmt, examples = task.read(good, cfg, labels, names) if good else (report["format"], [])
+    clock.lap("read")
     report["valid_rows"] = len(examples)
+    held_out = given is not None and cfg.data.train in (given.data.validation, given.data.test)
+    found: list[Finding] = [f for check in findings.RECORD_CHECKS for f in check(records, cfg)]
+    found += findings.size(len(examples), held_out)
     if labels:
         counts = Counter(labels[e.label] for e in examples if e.label is not None)
         report["labels"] = {name: counts.get(name, 0) for name in labels}
+        found += findings.balance(report["labels"], held_out)
     if examples and isinstance(examples[0], Example):  # text, classification and SFT records (pairs: task.describe)
-        _duplicates(report, examples, split_from_file=given is None or not (given.data.test and given.data.validation))
-        if given is not None:
-            _against_other_files(report, records, examples, cfg, given, labels is not None)
+        found += _text_checks(report, examples, cfg, given, records, labels, label_check, near_threshold, clock)
     if examples:
         tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+        sample = _sample(examples, token_sample, cfg.data.seed)
         try:
-            feats, stats = task.encode(examples, fmt, cfg, tok, task.chat(cfg, fmt, examples, tok))
+            feats, stats = task.encode(sample, fmt, cfg, tok, task.chat(cfg, fmt, sample, tok))
         except DataError as e:
             report["problems"] += [str(p) for p in e.problems]
             feats, stats = [], None
+        clock.lap("tokenize")
         report.update(task.describe(examples, feats))
         if stats is not None and stats.lengths:
-            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats))
+            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats), len(examples))
+            if not held_out:
+                lengths = [len(f["input_ids"]) for f in feats if "input_ids" in f] or \
+                    [min(n, cfg.data.max_length) for n in stats.lengths]  # what trains: truncated, packed
+                report["estimate"] = _estimate(cfg, lengths, len(labels or []), len(examples) / len(sample))
+                clock.lap("estimate")
+    report["findings"] = [f.as_dict() for f in found]
+    for f in found:
+        report[{"error": "problems", "warning": "warnings", "info": "notes"}[f.severity]].append(f.message)
+    report["duplicates"] = sum(f.as_dict()["count"] for f in found if f.check == "duplicates")
+    report["timings"] = clock.laps
     return report
 
 
-def _input_key(e: Example) -> str:
-    """What a model sees of an example: its text, or its prompt (a chat's turns before the reply)."""
-    if e.messages is not None:
-        return json.dumps(e.messages[:-1])
-    return e.text if e.text is not None else str(e.prompt)
+class _Clock:
+    """Wall and CPU seconds per stage of the check, for the report (and bench/data_check.py)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, dict[str, float]] = {}
+        self._t, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        lap = self.laps.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+        lap["wall"] = round(lap["wall"] + now - self._t, 3)
+        lap["cpu"] = round(lap["cpu"] + cpu - self._cpu, 3)
+        self._t, self._cpu = now, cpu
 
 
-def _duplicates(report: dict[str, Any], examples: list[Example], split_from_file: bool) -> None:
-    """Repeated inputs: wasted steps, and when the test split is cut from this file, test
-    examples the model has already trained on."""
-    seen: dict[str, list[Example]] = {}
-    for e in examples:
-        seen.setdefault(_input_key(e), []).append(e)
-    repeats = {k: v for k, v in seen.items() if len(v) > 1}
-    n = sum(len(v) - 1 for v in repeats.values())
-    what = "texts" if examples and examples[0].text is not None else "prompts"
-    report["duplicates"] = n
-    if n:
-        first = next(iter(repeats.values()))
-        leak = "; the validation/test splits are cut from this file, so copies can land on both sides and " \
-               "inflate the held-out scores" if split_from_file else ""
-        report["warnings"].append(f"{n} duplicate {what} (e.g. {first[0].where} and {first[1].where}){leak}")
-        conflicts = sum(len({e.label for e in v}) > 1 for v in repeats.values()) if examples[0].label is not None else 0
-        if conflicts:
-            report["warnings"].append(f"{conflicts} text(s) appear with different labels")
+def _sample(examples: list, n: int | None, seed: int) -> list:
+    """All examples, or a seeded random `n` of them (in file order) when there are more."""
+    if not n or len(examples) <= n:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    return [examples[i] for i in keep]
 
 
-def _against_other_files(report: dict[str, Any], records, examples: list[Example], cfg, given, labelled: bool) -> None:
+def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, records, labels, label_check: bool,
+                 near: float, clock: _Clock) -> list[Finding]:
+    """Duplicates, leakage against the config's other files, junk, length outliers, label errors."""
+    everything = [findings.all_text(e) for e in examples]
+    w_all = dedup.words(everything)
+    inputs = [findings.input_text(e) for e in examples]
+    w_in = w_all if inputs == everything else dedup.words(inputs)
+    clock.lap("words")
+    split_from_file = given is None or not (given.data.test and given.data.validation)
+    out = findings.duplicates(examples, dedup.shingle(w_in, findings.SHINGLE), split_from_file, near)
+    clock.lap("duplicates")
+    if given is not None:
+        out += _against_other_files(report, records, examples, cfg, given, labels is not None, near)
+        clock.lap("leakage")
+    out += findings.junk(examples, everything, w_all) + findings.lengths(examples, w_all)
+    clock.lap("junk_and_lengths")
+    if label_check and labels and get_task(cfg.task).head == "labels":
+        found, facts = findings.label_errors(examples, w_all, labels, cfg.data.seed)
+        report["label_check"] = facts
+        out += found
+        clock.lap("label_issues")
+    return out
+
+
+def _against_other_files(report: dict[str, Any], records, examples: list[Example], cfg, given,
+                         labelled: bool, near: float) -> list[Finding]:
     """The checked file against the config's other data files: labels a held-out file has that
-    training never shows (the trained head cannot predict them; `eval` fails on them), and
-    held-out inputs that repeat training ones."""
+    training never shows (the trained head cannot predict them; `eval` fails on them), and rows
+    that repeat, exactly or nearly, a row on the other side of the split."""
     here = cfg.data.train
-    trains = [given.data.train] if isinstance(given.data.train, str) else list(given.data.train or [])
+    trains = [s.path for s in given.data.sources()]
     held_out = [f for f in (given.data.validation, given.data.test) if f and f != here]
     # (training file, held-out file): the checked file is one side of each pair
     pairs = [(here, t) for t in held_out] if here in trains else [(t, here) for t in trains if t != here]
+    out: list[Finding] = []
     for train_file, test_file in pairs:
         other_file = test_file if train_file == here else train_file
         try:
             other_recs = load_records(other_file, cfg.data)[0]
-            other = [] if labelled else to_examples(other_recs, cfg.task, cfg.data, None)[1]
+            other = _plain_examples(other_recs, cfg) if labelled else to_examples(other_recs, cfg.task, cfg.data, None)[1]
         except TunesmithError as e:
             report["warnings"].append(f"could not compare with {other_file}: {str(e).splitlines()[0]}")
             continue
@@ -129,15 +182,45 @@ def _against_other_files(report: dict[str, Any], records, examples: list[Example
             for label, n in Counter(v for v in _label_values(test_recs, cfg) if v not in seen).items():
                 report["problems"].append(f"{test_file}: label '{label}' ({n} row(s)) never occurs in the training "
                                           f"data ({train_file}); the trained model cannot predict it")
-            mine = {str(rename_columns(r, cfg.data.columns).get("text")) for r in records}
-            theirs = {str(rename_columns(r, cfg.data.columns).get("text")) for r in other_recs}
-        else:
-            mine, theirs = {_input_key(e) for e in examples}, {_input_key(e) for e in other}
+        mine, theirs = {findings.input_text(e) for e in examples}, {findings.input_text(e) for e in other}
         overlap = len(mine & theirs)
-        if overlap:
-            n_test = len(theirs) if train_file == here else len(mine)
-            report["warnings"].append(f"{overlap} of {n_test} distinct inputs of {test_file} also appear in the "
-                                      f"training data ({train_file}): held-out scores are inflated")
+        sh = dedup.shingle(dedup.words([findings.input_text(e) for e in examples + other]), findings.SHINGLE)
+        leaks = findings.leakage(examples, other, sh, train_file == here, other_file, near)
+        for f in leaks:
+            if f.check == "leakage":  # the count of distinct inputs, as this message always said
+                n_test = len(theirs) if train_file == here else len(mine)
+                f.message = (f"{overlap} of {n_test} distinct inputs of {test_file} also appear in the training data "
+                             f"({train_file}): held-out scores are inflated; rows of this file: {len(f.rows)} "
+                             f"(e.g. {findings.where_str(f.rows[0])} ~ {f.rows[0]['same_as']})")
+        out += leaks
+    return out
+
+
+def _plain_examples(records, cfg) -> list[Example]:
+    """A labelled file's texts without validating its labels (unseen labels are reported, not raised)."""
+    return [Example(r.where, text=str(rename_columns(r, cfg.data.columns).get("text"))) for r in records]
+
+
+def _estimate(cfg, lengths: list[int], num_labels: int, scale: float) -> dict[str, Any]:
+    """Training time and peak memory (models/estimate.py) for the part of the file that trains.
+
+    `lengths` are a sample's (or all) examples' token counts; `scale` = examples / sample size.
+    When validation/test are cut from this file, they are taken off at random (as the split does)
+    and the evaluation passes are costed on them; else on a tenth of the file (a guess).
+    """
+    from tunesmith.models.estimate import estimate_run
+    from tunesmith.models.load import resolve_model_path
+
+    d = cfg.data
+    total = round(len(lengths) * scale)
+    held = sum(0 if path else (round(size * total) if isinstance(size, float) else int(size))
+               for path, size in ((d.validation, d.val_size), (d.test, d.test_size)))
+    n_eval = min(round(held / scale), len(lengths) - 1)
+    order = np.random.default_rng(d.seed).permutation(len(lengths))
+    train = [lengths[i] for i in order[n_eval:]]
+    eval_tokens = sum(lengths[i] for i in order[:n_eval]) if n_eval else sum(lengths) // 10
+    return estimate_run(cfg, resolve_model_path(cfg.model.name_or_path), num_labels, train,
+                        round(eval_tokens * scale) // 2, scale)
 
 
 def _label_values(records, cfg) -> list[str]:
@@ -145,42 +228,11 @@ def _label_values(records, cfg) -> list[str]:
     return [str(v).strip() for v in values if v is not None]
 
 
-def _token_stats(stats, max_length: int, features: int) -> dict[str, Any]:
+def _token_stats(stats, max_length: int, features: int, examples: int) -> dict[str, Any]:
     lens = np.array(stats.lengths)
-    return {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
-            "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
-            "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
-
-
-def format_report(r: dict[str, Any]) -> str:
-    lines = [f"file: {r['file']}", f"task: {r['task']}" + (" (detected from the file; set one with --config or "
-                                                           "--task)" if r.get("task_detected") else "")]
-    if "rows" in r:
-        lines += [f"rows: {r['rows']} read, {r.get('valid_rows', 0)} valid", f"format: {r['format']}"]
-    if r.get("labels"):
-        total = max(sum(r["labels"].values()), 1)
-        lines.append("labels: " + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in r["labels"].items()))
-    if r.get("targets"):
-        lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in r["targets"].items()))
-    if r.get("preference"):
-        p = r["preference"]
-        lines.append("preference: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.items()))
-        if p.get("chosen_longer_share") is not None and abs(p["chosen_longer_share"] - 0.5) > 0.25:
-            lines.append(f"  length bias: the chosen response is longer in {100 * p['chosen_longer_share']:.0f}% of pairs; "
-                         "a reward model may learn length instead of quality")
-    if "tokens" in r:
-        t = r["tokens"]
-        lines.append(f"tokens per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
-        lines.append(f"truncation at max_length={t['max_length']}: {t['truncated']} example(s) cut"
-                     + (f", {t['dropped']} left with no answer tokens (dropped)" if t["dropped"] else ""))
-    if r.get("warnings"):
-        lines.append(f"warnings ({len(r['warnings'])}):")
-        lines += [f"  - {w}" for w in r["warnings"]]
-    if r["problems"]:
-        lines.append(f"problems ({len(r['problems'])}):")
-        lines += [f"  - {p}" for p in r["problems"][:50]]
-        if len(r["problems"]) > 50:
-            lines.append(f"  ... and {len(r['problems']) - 50} more")
-    else:
-        lines.append("problems: none")
-    return "\n".join(lines)
+    out = {"min": int(lens.min()), "mean": round(float(lens.mean()), 1), "p50": int(np.percentile(lens, 50)),
+           "p95": int(np.percentile(lens, 95)), "max": int(lens.max()), "max_length": max_length,
+           "truncated": stats.truncated, "dropped": stats.dropped, "features": features}
+    if len(lens) < examples:
+        out["sample"] = {"examples": len(lens), "of": examples}
+    return out

@@ -167,7 +167,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
     }
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
-    train_data = cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train)
+    train_data = cfg.data.train_name()
     (saved / "README.md").write_text(model_card(summary, before, after, run_dir.name, train_data))
     write_report(run_dir, before, after, summary)
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

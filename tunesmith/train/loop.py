@@ -23,7 +23,8 @@ from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
-from tunesmith.data.collate import batch_order, collate_any, feature_length, split_by_tokens
+from tunesmith.data.collate import collate_any, feature_length, split_by_tokens
+from tunesmith.data.mixing import epoch_batches
 from tunesmith.errors import TrainingCancelled
 from tunesmith.evaluate import score_features
 from tunesmith.methods import training_schedule
@@ -84,12 +85,17 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     emit = on_event or (lambda e: None)
     task = get_task(cfg.task)
     objective = task.objective(cfg)
-    feats = data.splits["train"].features
+    train_split = data.splits["train"]
+    feats = train_split.features
     val = data.splits.get("validation")
     lengths = [feature_length(f) for f in feats]
     pad_id = tokenizer.pad_token_id
 
-    batches_per_epoch = math.ceil(len(feats) / t.batch_size)
+    def epoch_order(epoch: int) -> list[list[int]]:  # data.train's weights and data.order (data/mixing.py)
+        return epoch_batches(lengths, train_split.sources, train_split.scores, cfg.data, t.batch_size, t.seed, epoch,
+                             t.group_by_length)
+
+    batches_per_epoch = len(epoch_order(0))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
@@ -144,8 +150,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     start = time.perf_counter()
     tokens_seen, stop = 0, False
     while prog["step"] < total_steps and not stop:
-        order = batch_order(lengths, t.batch_size, shuffle=True, seed=t.seed, epoch=prog["epoch"],
-                            group_by_length=t.group_by_length)
+        order = epoch_order(prog["epoch"])
         while prog["step"] < total_steps and not stop:
             # ---- one optimizer step over grad_accum micro-batches ----
             batch_idx = range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))
