@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-_HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss", "perplexity", "token_accuracy",
-             "exact_match", "contains", "margin", "reward", "positive_share", "kl", "completion_tokens", "tax_perplexity",
-             "mae", "rmse", "pearson", "spearman"]
+_HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "ece", "loss", "perplexity", "token_accuracy",
+             "exact_match", "contains", "rouge_l", "chrf", "margin", "reward", "positive_share", "kl", "completion_tokens",
+             "tax_perplexity", "mae", "rmse", "pearson", "spearman", "forgetting_perplexity", "general_qa_accuracy"]
+# Metrics where a fall is the improvement (the rest: a rise; completion_tokens: neither).
+LOWER_IS_BETTER = frozenset({"ece", "loss", "perplexity", "kl", "tax_perplexity", "mae", "rmse", "forgetting_perplexity"})
+NEUTRAL = frozenset({"completion_tokens"})
 
 
 def _fmt(v: Any) -> str:
@@ -27,14 +30,87 @@ def _cell(s: dict) -> str:
     return " ".join(f"{v:.3f}" for k, v in s.items() if k != "input")  # a reward, a predicted value
 
 
-def comparison_markdown(before: dict | None, after: dict) -> str:
-    """The 'untrained vs trained' tables: headline metrics, then the same sample inputs."""
-    lines = [f"Evaluated on the **{after['split']}** split ({after['examples']} examples).", "",
-             "| metric | before | after |", "|---|---|---|"]
+def _ci(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def verdict(metric: str, row: dict) -> str:
+    """'improved' / 'worse' / 'changed' when the change is significant, else 'no significant change'."""
+    if not row.get("significant"):
+        return "no significant change"
+    if metric in NEUTRAL:
+        return "changed"
+    better = (row["change"] < 0) == (metric in LOWER_IS_BETTER)
+    return "improved" if better else "worse"
+
+
+def metric_table(before: dict | None, after: dict, stats: dict | None) -> list[str]:
+    """Headline metrics before and after with 95% intervals, the change, its test and verdict."""
+    rows = (stats or {}).get("metrics", {})
+    lines = ["| metric | before [95% CI] | after [95% CI] | change [95% CI] | test | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for k in _HEADLINE:
-        if k in after["metrics"]:
-            b = _fmt(before["metrics"][k]) if before else "-"
-            lines.append(f"| {k} | {b} | {_fmt(after['metrics'][k])} |")
+        if k not in after["metrics"]:
+            continue
+        r = rows.get(k, {})
+        b = _fmt(before["metrics"][k]) + _ci(r.get("before_ci")) if before and k in before["metrics"] else "-"
+        a = _fmt(after["metrics"][k]) + _ci(r.get("after_ci"))
+        if "p" in r:
+            lines.append(f"| {k} | {b} | {a} | {r['change']:+.4f}{_ci(r['change_ci'])} | {r['test']} | {_p(r['p'])} "
+                         f"| {verdict(k, r)} |")
+        else:
+            change = f"{after['metrics'][k] - before['metrics'][k]:+.4f}" \
+                if before and isinstance(before["metrics"].get(k), float) else "-"
+            lines.append(f"| {k} | {b} | {a} | {change} | - | - | {'no per-example scores' if before else '-'} |")
+    return lines
+
+
+def stats_notes(stats: dict | None, examples: int) -> list[str]:
+    """How to read the intervals and tests, and which comparisons are not paired."""
+    if not stats or not stats.get("metrics"):
+        return []
+    notes = [f"Intervals: {stats['level']:.0%} bootstrap percentile intervals over the evaluated examples "
+             f"({stats['resamples']} resamples, seeded). Change: after - before, paired on the same examples; "
+             "McNemar's mid-p test for 0/1 scores, else the paired bootstrap (p: the smallest level at which the "
+             "change's interval excludes 0). Verdicts at the 5% level, metric by metric (no correction for "
+             "looking at several)."]
+    if stats.get("unpaired"):
+        notes.append(f"Not paired ({', '.join(stats['unpaired'])}): before and after scored different units; "
+                     "their intervals are independent.")
+    if examples < 100:
+        notes.append(f"Only {examples} examples: intervals are wide and a real change of a few points can "
+                     "pass as not significant.")
+    return notes
+
+
+def headline(before: dict | None, stats: dict | None) -> str | None:
+    """One sentence on the first headline metric that has a test."""
+    rows = (stats or {}).get("metrics", {})
+    for k in _HEADLINE:
+        r = rows.get(k)
+        if before and r and "p" in r:
+            word = verdict(k, r)
+            return (f"**{k}: {r['before']:.4f} -> {r['after']:.4f} ({r['change']:+.4f}, 95% CI "
+                    f"{r['change_ci'][0]:+.4f} to {r['change_ci'][1]:+.4f}); {r['test']} p = {_p(r['p'])}: "
+                    + ("the gain is real at the 5% level" if word == "improved" else
+                       "the model got worse, beyond chance" if word == "worse" else
+                       "the change could be chance") + ".**") if r.get("change_ci") else None
+    return None
+
+
+def comparison_markdown(before: dict | None, after: dict, stats: dict | None = None) -> str:
+    """The 'untrained vs trained' tables: headline metrics with intervals and tests, then the
+    same sample inputs. `stats`: evaluate.stats.compare_results(before, after)."""
+    lines = [f"Evaluated on the **{after['split']}** split ({after['examples']} examples).", ""]
+    line = headline(before, stats)
+    lines += [line, ""] if line else []
+    lines += metric_table(before, after, stats)
+    notes = stats_notes(stats, after["examples"])
+    lines += [""] + notes if notes else []
     lines += ["", "| input | before | after |", "|---|---|---|"]
     for i, s in enumerate(after["samples"]):
         b = _cell(before["samples"][i]) if before else "-"
@@ -42,26 +118,63 @@ def comparison_markdown(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
-def single_markdown(result: dict) -> str:
-    """One model's evaluation (for `tunesmith eval`): headline metrics and sample outputs."""
+def single_markdown(result: dict, stats: dict | None = None) -> str:
+    """One model's evaluation (for `tunesmith eval`): headline metrics with 95% intervals
+    (`stats`: evaluate.stats.compare_results(None, result)) and sample outputs."""
+    rows = (stats or {}).get("metrics", {})
     lines = [f"Evaluated {result['examples']} examples.", ""]
     lines += [f"> warning: {w}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
-    lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(result['metrics'][k])} |" for k in _HEADLINE if k in result["metrics"]]
+    lines += ["| metric | value [95% CI] |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(result['metrics'][k])}{_ci(rows.get(k, {}).get('after_ci'))} |"
+              for k in _HEADLINE if k in result["metrics"]]
     lines += ["", "| input | output |", "|---|---|"]
     lines += [f"| {_short(s['input'], 70).replace('|', '/')} | {_cell(s)} |" for s in result["samples"]]
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict) -> str:
+def forgetting_markdown(before: dict | None, after: dict, stats: dict | None, note: str | None = None) -> list[str]:
+    """The forgetting probe: general-text perplexity and general questions, before vs after."""
+    keys = [k for k in ("forgetting_perplexity", "general_qa_accuracy") if k in after["metrics"]]
+    if not keys:
+        return []
+    rows = (stats or {}).get("metrics", {})
+    md = ["", "## Forgetting (general text and general knowledge, before vs after)", ""]
+    md += [f"> {note}", ""] if note else []
+    for k in keys:
+        r = rows.get(k, {})
+        what = "perplexity on held-out general text" if k == "forgetting_perplexity" else "general questions answered"
+        b = f"{before['metrics'][k]:.4f}{_ci(r.get('before_ci'))} -> " if before and k in before["metrics"] else ""
+        test = f"; change {r['change']:+.4f}{_ci(r['change_ci'])}, {r['test']} p = {_p(r['p'])}: {verdict(k, r)}" \
+            if "p" in r else ""
+        md.append(f"- {what}: {b}{after['metrics'][k]:.4f}{_ci(r.get('after_ci'))}{test}")
+    qa = after.get("forgetting") or []
+    if qa:
+        old = {q["question"]: q for q in (before or {}).get("forgetting") or []}
+        md += ["", "| question | accepted | before | after |", "|---|---|---|---|"]
+        for q in qa:
+            b = old.get(q["question"])
+            cell = lambda x: ("✓ " if x["correct"] else "✗ ") + _short(x["output"], 60).replace("|", "/")  # noqa: E731
+            md.append(f"| {_short(q['question'], 60)} | {', '.join(q['answers'])} | {cell(b) if b else '-'} | {cell(q)} |")
+    return md
+
+
+def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict, stats: dict | None = None) -> str:
     """Write eval_report.json and eval_report.md; returns the Markdown."""
-    (run_dir / "eval_report.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=2))
+    (run_dir / "eval_report.json").write_text(json.dumps({"summary": summary, "before": before, "after": after,
+                                                          "stats": stats}, indent=2))
     md = [f"# Run report: {run_dir.name}", "",  # the folder's name: output.dir may not contain output.name
           f"- task: {summary['task']}, method: {summary['method']}, base: `{summary['base_model']}`",
           f"- {summary['params']}", f"- precision: {summary['precision']}, device: {summary['device']}",
           f"- steps: {summary['steps']}, train time: {summary['train_seconds']:.0f} s, total: {summary['wall_seconds']:.0f} s",
           f"- best validation {summary['best_metric']}: {_fmt(summary['best_value'])} (step {summary['best_step']})", "",
-          "## Before vs after training", "", comparison_markdown(before, after)]
+          "## Before vs after training", "", comparison_markdown(before, after, stats)]
+    if (run_dir / "reliability.png").is_file():
+        md += ["", "## Calibration", "", f"ECE ({len(after['metrics']['calibration'])} equal-width bins): "
+               + (f"before {before['metrics']['ece']:.4f}, " if before and "ece" in before["metrics"] else "")
+               + f"after {after['metrics']['ece']:.4f}. A calibrated model's bars meet the diagonal: "
+               "of the answers given with confidence 0.8, 80% are right.", "", "![reliability diagram](reliability.png)"]
+    if (run_dir / "confusion.png").is_file():
+        md += ["", "![confusion matrices](confusion.png)"]
     cm = after["metrics"].get("confusion_matrix")
     if cm:
         names = list(after["metrics"]["per_class"])
@@ -86,6 +199,7 @@ def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict)
                       f"| {cell(b) if b else '-'} | {cell(g)} |")
         if len(gens) > 100:
             md.append(f"\n({len(gens) - 100} more in eval_report.json)")
+    md += forgetting_markdown(before, after, stats, summary.get("forgetting_note"))
     warnings = after.get("warnings") or []
     if warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
