@@ -208,26 +208,70 @@ def write_report(run_dir: Path, before: dict | None, after: dict, summary: dict,
     return text
 
 
-def model_card(summary: dict, before: dict | None, after: dict, run_name: str, train_data: str) -> str:
-    """README.md for the saved adapter or model: what it is, how it scored, how to load it."""
+_PIPELINE = {"classify": "text-classification", "generate": "text-generation"}
+
+
+def _front_matter(summary: dict, after: dict, stats: dict | None, run_name: str, datasets: list[str]) -> str:
+    """Hugging Face model-card metadata: base_model, library_name, datasets, and the results as
+    model-index (https://huggingface.co/docs/hub/model-cards#evaluation-results)."""
+    import yaml
+
     peft_folder = summary["saved_as"] == "adapter"
-    tags = ["tunesmith", summary["method"], summary["task"]]
-    front = {"base_model": summary["base_model"], "library_name": "peft" if peft_folder else "transformers",
-             "tags": tags}
-    lines = ["---"] + [f"{k}: {v}" if not isinstance(v, list) else f"{k}:\n" + "\n".join(f"- {x}" for x in v)
-                       for k, v in front.items()] + ["---", "",
+    rows = (stats or {}).get("metrics", {})
+    metrics = []
+    for k in _HEADLINE:
+        v = after["metrics"].get(k)
+        if isinstance(v, (int, float)):
+            ci = rows.get(k, {}).get("after_ci")
+            metrics.append({"type": k, "value": round(float(v), 4),
+                            "name": f"{k} (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else k})
+    front: dict = {"base_model": summary["base_model"], "library_name": "peft" if peft_folder else "transformers",
+                   "tags": ["tunesmith", summary["method"], summary["task"]], "datasets": datasets}
+    if summary.get("predicts") in _PIPELINE:
+        front["pipeline_tag"] = _PIPELINE[summary["predicts"]]
+    front["model-index"] = [{"name": run_name, "results": [{
+        "task": {"type": _PIPELINE.get(summary.get("predicts"), summary["task"]), "name": summary["task"]},
+        "dataset": {"name": datasets[0] if datasets else "held-out data", "type": datasets[0] if datasets else "local",
+                    "split": after["split"]},
+        "metrics": metrics}]}]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---"
+
+
+def model_card(summary: dict, before: dict | None, after: dict, run_name: str, train_data: str,
+               stats: dict | None = None, hyper: dict | None = None) -> str:
+    """README.md for the run folder and its saved adapter or model, in Hugging Face's model-card
+    format: what it is, its data, method and hyperparameters, before/after results with 95%
+    intervals and tests, the forgetting probe, intended use and limits, how to load it.
+    `stats`: evaluate.stats.compare_results(before, after); `hyper`: training settings to list."""
+    peft_folder = summary["saved_as"] == "adapter"
+    datasets = [d.strip() for d in train_data.split(",") if d.strip()]
+    lines = [_front_matter(summary, after, stats, run_name, datasets), "",
              f"# {run_name}", "",
              f"A {summary['method']} fine-tune of `{summary['base_model']}` for {summary['task']}, trained with "
              f"tunesmith on `{train_data}` ({summary['format']} data).", ""]
     if summary.get("labels"):
         lines += [f"Labels (id order): {', '.join(summary['labels'])}. They are stored in this folder's config.json "
                   "(id2label / label2id).", ""]
-    lines += [f"## Results on the held-out {after['split']} split ({after['examples']} examples)", "",
-              "| metric | before training | after |", "|---|---|---|"]
-    for k in _HEADLINE:
-        if k in after["metrics"]:
-            b = _fmt(before["metrics"][k]) if before and k in before["metrics"] else "-"
-            lines.append(f"| {k} | {b} | {_fmt(after['metrics'][k])} |")
+    if summary.get("data_summary"):
+        lines += ["## Data", "", summary["data_summary"], ""]
+    lines += [f"## Results on the held-out {after['split']} split ({after['examples']} examples)", ""]
+    line = headline(before, stats)
+    lines += [line, ""] if line else []
+    lines += metric_table(before, after, stats) + [""]
+    notes = stats_notes(stats, after["examples"])
+    lines += notes + [""] if notes else []
+    lines += [x for x in forgetting_markdown(before, after, stats, summary.get("forgetting_note")) if not x.startswith("|")]
+    lines += ["", "## Intended use and limits", "",
+              f"- Made for inputs like its training data (`{train_data}`); the scores above hold for data drawn "
+              "the same way. On other text they are unknown: watch a deployment with `tunesmith monitor` "
+              f"(runs/{run_name} --data NEW_INPUTS), which tests new inputs and predictions for drift.",
+              f"- The held-out split has {after['examples']} examples: read the intervals, not only the point values."]
+    if "ece" in after["metrics"]:
+        lines.append(f"- Its probabilities are calibrated to ECE {after['metrics']['ece']:.3f} on that split "
+                     "(reliability.png in the run folder); use them as confidences only that far.")
+    if "forgetting_perplexity" in after["metrics"] or "general_qa_accuracy" in after["metrics"]:
+        lines.append("- Fine-tuning can erode what the base model knew: the forgetting section above measures that on "
+                     "general text and general questions; the base model's own limits and biases remain.")
     lines += ["", "## Use", "", "```bash", f"tunesmith predict runs/{run_name} --text \"...\"", "```", ""]
     if peft_folder:
         auto = "AutoModelForSequenceClassification" if summary.get("labels") else "AutoModelForCausalLM"
@@ -237,9 +281,11 @@ def model_card(summary: dict, before: dict | None, after: dict, run_name: str, t
                   f"ADAPTER = \"runs/{run_name}/adapter\"",
                   f"base = {auto}.from_pretrained(BASE{cfg_arg})",
                   "model = PeftModel.from_pretrained(base, ADAPTER)", "```", ""]
-    lines += ["## Training", "", f"- {summary['params']}", f"- {summary['steps']} steps, precision {summary['precision']}, "
-              f"device {summary['device']}, {summary['train_seconds']:.0f} s",
-              "- the full resolved config is the run folder's config.yaml; the report is eval_report.md", ""]
+    lines += ["## Training", "", f"- method {summary['method']}: {summary['params']}",
+              f"- {summary['steps']} steps, precision {summary['precision']}, device {summary['device']}, "
+              f"{summary['train_seconds']:.0f} s"]
+    lines += [f"- {k}: {v}" for k, v in (hyper or {}).items()]
+    lines += ["- the full resolved config is the run folder's config.yaml; the report is eval_report.md", ""]
     return "\n".join(lines)
 
 

@@ -172,7 +172,10 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
     train_data = cfg.data.train if isinstance(cfg.data.train, str) else ", ".join(cfg.data.train)
     stats = compare_results(before, after, cfg.eval.bootstrap_resamples, cfg.train.seed)
-    (saved / "README.md").write_text(model_card(summary, before, after, run_dir.name, train_data))
+    card = model_card({**summary, "predicts": task.predicts, "data_summary": _data_summary(data, task)}, before, after,
+                      run_dir.name, train_data, stats, _hyperparameters(cfg))
+    (saved / "README.md").write_text(card)  # beside the weights, for sharing them
+    (run_dir / "README.md").write_text(card)  # and the run folder's own card
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
     reliability_diagram(before, after, run_dir / "reliability.png")  # classifiers: their probabilities
@@ -182,6 +185,15 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})
     return RunResult(run_dir, before, after, summary)
+
+
+def _hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a model card lists: the method's options and the optimisation's."""
+    method = {k: v for k, v in cfg.method.model_dump().items() if v not in (None, [], {}) and k != "name"}
+    t = cfg.train
+    return {"method options": method, "epochs": t.epochs, "batch size": t.batch_size,
+            "gradient accumulation": t.grad_accum, "learning rate": t.lr, "seed": t.seed,
+            "max length": cfg.data.max_length}
 
 
 def _forgetting_note(cfg: RunConfig) -> str | None:
