@@ -28,12 +28,12 @@ def _reviews(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _train(root: Path, tiny_bert: Path, data: Path, method: dict, name: str) -> Path:
+def _train(root: Path, tiny_bert: Path, data: Path, method: dict, name: str, epochs: int = 8) -> Path:
     cfg = root / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({
         "task": "classification", "model": {"name_or_path": str(tiny_bert)},
         "data": {"train": str(data), "val_size": 32, "test_size": 80, "max_length": 32},
-        "method": method, "train": {"epochs": 8, "batch_size": 16, "lr": 3e-3, "log_every": 10},
+        "method": method, "train": {"epochs": epochs, "batch_size": 16, "lr": 3e-3, "log_every": 10},
         "eval": {"bootstrap_resamples": 300}, "output": {"dir": str(root / "runs" / "{name}"), "name": name}}))
     assert run(["train", str(cfg)]) == 0
     return root / "runs" / name
@@ -45,7 +45,7 @@ def runs(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     data = write_jsonl(root / "train.jsonl", _reviews(240, 1))
     return {"data": data, "root": root,
             "lora": _train(root, tiny_bert, data, {"name": "lora", "r": 8, "target_modules": "all-linear"}, "lora"),
-            "head": _train(root, tiny_bert, data, {"name": "head"}, "head")}
+            "head": _train(root, tiny_bert, data, {"name": "head"}, "head", epochs=3)}
 
 
 def test_report_shows_intervals_tests_and_calibration(runs):
