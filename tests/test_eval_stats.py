@@ -184,3 +184,20 @@ def test_chrf_comes_from_sacrebleu():
     got = chrf(hyp, ref)
     assert got[1] == pytest.approx(100.0) and got[2] < got[0] < 100
     assert got[0] == pytest.approx(CHRF().corpus_score([hyp[0]], [[ref[0]]]).score)  # one sentence: its corpus score
+
+
+def test_general_questions_file_and_answer_matching(tmp_path):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.evaluate.forgetting import answered, read_questions
+
+    shipped = read_questions("builtin:general-qa")
+    assert len(shipped) == 40 and shipped[0] == {"question": "What is the capital of France?", "answers": ["Paris"]}
+    assert answered("The capital of France is Paris.", ["Paris"]) and not answered("Parisian food", ["Paris"])
+    assert answered("There are 7 days.", ["seven", "7"]) and not answered("It is Tallinn", ["Paris"])
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"question": "a?", "answers": ["b"]}\n\n{"question": "c?", "answers": []}\n')
+    with pytest.raises(TunesmithError, match=r"qa\.jsonl:3: expected \{\"question\": text"):
+        read_questions(str(bad))
+    bad.write_text('{"question": "a?", "answers": ["b"]}\n{oops\n')
+    with pytest.raises(TunesmithError, match=r"qa\.jsonl:2: invalid JSON"):
+        read_questions(str(bad))
