@@ -28,7 +28,7 @@ def _cls_group(rng, n=300, classes=3, keys=None):
     return {"name": "eval", "unit": "example", "keys": keys or [f"k{i}" for i in range(n)],
             "columns": {"label": label.tolist(), "pred": pred.tolist(), "correct": (label == pred).astype(float).tolist(),
                         "confidence": conf.tolist(), "loss": rng.exponential(1, n).tolist()},
-            "metrics": {"accuracy": ["mean", "correct"], "loss": ["mean", "loss"],
+            "metrics": {"accuracy": ["share", "correct"], "loss": ["mean", "loss"],
                         "f1_macro": ["f1_macro", "label", "pred", classes],
                         "precision_macro": ["precision_macro", "label", "pred", classes],
                         "recall_macro": ["recall_macro", "label", "pred", classes],
@@ -201,3 +201,12 @@ def test_general_questions_file_and_answer_matching(tmp_path):
     bad.write_text('{"question": "a?", "answers": ["b"]}\n{oops\n')
     with pytest.raises(TunesmithError, match=r"qa\.jsonl:2: invalid JSON"):
         read_questions(str(bad))
+
+
+def test_mcnemar_only_for_metrics_declared_as_shares():
+    """A continuous score that happens to be all 0 and 1 (ROUGE-L of a model that never overlaps)
+    is still compared by the paired bootstrap; McNemar needs the 'share' declaration."""
+    g = {"name": "g", "keys": list("abcd"), "columns": {"r": [0.0, 0.0, 1.0, 0.0]}, "metrics": {"rouge_l": ["mean", "r"],
+                                                                                             "hit": ["share", "r"]}}
+    rows = compare_groups(g, g, resamples=100)
+    assert rows["rouge_l"]["test"] == "paired bootstrap" and rows["hit"]["test"].startswith("McNemar")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.report import _HEADLINE, _ci, _p, verdict
+from tunesmith.evaluate.report import _HEADLINE, _ci, _fmt, _p, verdict
 from tunesmith.evaluate.stats import compare_groups, intervals, point_metrics
 
 
@@ -106,7 +106,7 @@ def compare_markdown(c: dict[str, Any]) -> str:
     metrics += sorted({m for r in runs for m in c["metrics"][r]} - set(metrics))
     lines = ["| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for m in metrics:
-        cells = [f"{c['metrics'][r][m]['value']:.4f}{_ci(c['metrics'][r][m]['ci'])}" if m in c["metrics"][r] else "-"
+        cells = [f"{_fmt(c['metrics'][r][m]['value'])}{_ci(c['metrics'][r][m]['ci'])}" if m in c["metrics"][r] else "-"
                  for r in runs]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for run in runs[1:]:
@@ -116,7 +116,7 @@ def compare_markdown(c: dict[str, Any]) -> str:
             continue
         lines += ["", f"**{run} vs {first}** (change = {run} - {first})", "",
                   "| metric | change [95% CI] | test | p | verdict |", "|---|---|---|---|---|"]
-        lines += [f"| {m} | {rows[m]['change']:+.4f}{_ci(rows[m]['change_ci'])} | {rows[m]['test']} | {_p(rows[m]['p'])} "
+        lines += [f"| {m} | {_fmt(rows[m]['change'], '+')}{_ci(rows[m]['change_ci'])} | {rows[m]['test']} | {_p(rows[m]['p'])} "
                   f"| {verdict(m, rows[m])} |" for m in metrics if m in rows]
         if c["unpaired"][run]:
             lines += ["", f"Not paired ({', '.join(c['unpaired'][run])}): {run} and {first} were evaluated on different "

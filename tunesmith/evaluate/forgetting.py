@@ -127,6 +127,6 @@ def forgetting_probe(result: dict, model, tokenizer, cfg: RunConfig, acc, chat: 
         result["metrics"]["general_qa_accuracy"] = sum(right) / len(right)
         result["rows"].append({"name": "forgetting_qa", "unit": "question", "keys": [unit_key(q) for q in qa],
                                "columns": {"correct": [float(r) for r in right]},
-                               "metrics": {"general_qa_accuracy": ["mean", "correct"]}})
+                               "metrics": {"general_qa_accuracy": ["share", "correct"]}})
         result["forgetting"] = [{"question": q["question"], "answers": q["answers"], "output": o, "correct": r}
                                 for q, o, r in zip(qa, outs, right)]

@@ -13,8 +13,11 @@ LOWER_IS_BETTER = frozenset({"ece", "loss", "perplexity", "kl", "tax_perplexity"
 NEUTRAL = frozenset({"completion_tokens"})
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, sign: str = "") -> str:
+    """4 decimals; 4 significant digits past 1e5 (an untrained model's perplexity)."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:{sign}.4g}" if abs(v) >= 1e5 else f"{v:{sign}.4f}"
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -31,7 +34,7 @@ def _cell(s: dict) -> str:
 
 
 def _ci(ci: list[float] | None) -> str:
-    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+    return f" [{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]" if ci else ""
 
 
 def _p(p: float) -> str:
@@ -60,10 +63,10 @@ def metric_table(before: dict | None, after: dict, stats: dict | None) -> list[s
         b = _fmt(before["metrics"][k]) + _ci(r.get("before_ci")) if before and k in before["metrics"] else "-"
         a = _fmt(after["metrics"][k]) + _ci(r.get("after_ci"))
         if "p" in r:
-            lines.append(f"| {k} | {b} | {a} | {r['change']:+.4f}{_ci(r['change_ci'])} | {r['test']} | {_p(r['p'])} "
+            lines.append(f"| {k} | {b} | {a} | {_fmt(r['change'], '+')}{_ci(r['change_ci'])} | {r['test']} | {_p(r['p'])} "
                          f"| {verdict(k, r)} |")
         else:
-            change = f"{after['metrics'][k] - before['metrics'][k]:+.4f}" \
+            change = _fmt(after['metrics'][k] - before['metrics'][k], "+") \
                 if before and isinstance(before["metrics"].get(k), float) else "-"
             lines.append(f"| {k} | {b} | {a} | {change} | - | - | {'no per-example scores' if before else '-'} |")
     return lines
@@ -73,11 +76,12 @@ def stats_notes(stats: dict | None, examples: int) -> list[str]:
     """How to read the intervals and tests, and which comparisons are not paired."""
     if not stats or not stats.get("metrics"):
         return []
+    tested = any("p" in r for r in stats["metrics"].values())
     notes = [f"Intervals: {stats['level']:.0%} bootstrap percentile intervals over the evaluated examples "
-             f"({stats['resamples']} resamples, seeded). Change: after - before, paired on the same examples; "
-             "McNemar's mid-p test for 0/1 scores, else the paired bootstrap (p: the smallest level at which the "
-             "change's interval excludes 0). Verdicts at the 5% level, metric by metric (no correction for "
-             "looking at several)."]
+             f"({stats['resamples']} resamples, seeded)."
+             + (" Change: after - before, paired on the same examples; McNemar's mid-p test for 0/1 scores, else "
+                "the paired bootstrap (p: the smallest level at which the change's interval excludes 0). Verdicts "
+                "at the 5% level, metric by metric (no correction for looking at several)." if tested else "")]
     if stats.get("unpaired"):
         notes.append(f"Not paired ({', '.join(stats['unpaired'])}): before and after scored different units; "
                      "their intervals are independent.")
@@ -94,8 +98,8 @@ def headline(before: dict | None, stats: dict | None) -> str | None:
         r = rows.get(k)
         if before and r and "p" in r:
             word = verdict(k, r)
-            return (f"**{k}: {r['before']:.4f} -> {r['after']:.4f} ({r['change']:+.4f}, 95% CI "
-                    f"{r['change_ci'][0]:+.4f} to {r['change_ci'][1]:+.4f}); {r['test']} p = {_p(r['p'])}: "
+            return (f"**{k}: {_fmt(r['before'])} -> {_fmt(r['after'])} ({_fmt(r['change'], '+')}, 95% CI "
+                    f"{_fmt(r['change_ci'][0], '+')} to {_fmt(r['change_ci'][1], '+')}); {r['test']} p = {_p(r['p'])}: "
                     + ("the gain is real at the 5% level" if word == "improved" else
                        "the model got worse, beyond chance" if word == "worse" else
                        "the change could be chance") + ".**") if r.get("change_ci") else None
@@ -143,10 +147,10 @@ def forgetting_markdown(before: dict | None, after: dict, stats: dict | None, no
     for k in keys:
         r = rows.get(k, {})
         what = "perplexity on held-out general text" if k == "forgetting_perplexity" else "general questions answered"
-        b = f"{before['metrics'][k]:.4f}{_ci(r.get('before_ci'))} -> " if before and k in before["metrics"] else ""
-        test = f"; change {r['change']:+.4f}{_ci(r['change_ci'])}, {r['test']} p = {_p(r['p'])}: {verdict(k, r)}" \
+        b = f"{_fmt(before['metrics'][k])}{_ci(r.get('before_ci'))} -> " if before and k in before["metrics"] else ""
+        test = f"; change {_fmt(r['change'], '+')}{_ci(r['change_ci'])}, {r['test']} p = {_p(r['p'])}: {verdict(k, r)}" \
             if "p" in r else ""
-        md.append(f"- {what}: {b}{after['metrics'][k]:.4f}{_ci(r.get('after_ci'))}{test}")
+        md.append(f"- {what}: {b}{_fmt(after['metrics'][k])}{_ci(r.get('after_ci'))}{test}")
     qa = after.get("forgetting") or []
     if qa:
         old = {q["question"]: q for q in (before or {}).get("forgetting") or []}

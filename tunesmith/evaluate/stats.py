@@ -2,7 +2,7 @@
 
 An evaluation result carries its per-example scores as *row groups* (tasks/base.py, RowGroup):
 columns of numbers, one entry per evaluated unit (an example, a text block, a question), and for
-each metric a reducer spec, e.g. {"accuracy": ["mean", "correct"], "perplexity": ["exp_ratio",
+each metric a reducer spec, e.g. {"accuracy": ["share", "correct"], "perplexity": ["exp_ratio",
 "loss", "tokens"]}. Every reducer is a function of weighted column sums, so a bootstrap resample
 is a weight vector (how often each unit was drawn) and R resamples are one (R, N) @ (N,) product
 per column: 1,000 resamples of 25,000 examples take well under a second.
@@ -14,7 +14,7 @@ Conventions (stated in the report):
   resampling weights is applied to both (Koehn 2004's paired bootstrap). Its p-value is the
   smallest two-sided level at which the percentile interval of the change excludes 0, so "the
   interval excludes 0" and "p < 0.05" always agree.
-- A metric that is the mean of a 0/1 column (accuracy, exact match) is tested with McNemar's test
+- A metric declared as the share of a 0/1 column (reducer "share": accuracy, exact match) is tested with McNemar's test
   on the discordant pairs, exact binomial with the mid-p correction (Fagerland, Lydersen & Laake
   2013: the mid-p keeps the level and has more power than the exact test).
 """
@@ -101,6 +101,7 @@ def _pearson(cols: Cols, w: np.ndarray, x: str, y: str) -> np.ndarray:
 
 REDUCERS: dict[str, Callable[..., np.ndarray]] = {
     "mean": _mean, "ratio": _ratio, "exp_ratio": _exp_ratio, "sqrt_mean": _sqrt_mean,
+    "share": _mean,  # the mean of a 0/1 column (accuracy): McNemar tests its change
     "precision_macro": _macro("precision"), "recall_macro": _macro("recall"), "f1_macro": _macro("f1"),
     "ece": _ece, "pearson": _pearson,
 }
@@ -177,8 +178,8 @@ def mcnemar(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
 
 
 def is_binary_mean(group: dict[str, Any], metric: str) -> bool:
-    spec = group["metrics"][metric]
-    return spec[0] == "mean" and set(np.unique(np.asarray(group["columns"][spec[1]]))) <= {0.0, 1.0}
+    """A metric declared as the share of a 0/1 column (reducer "share"), so McNemar applies."""
+    return group["metrics"][metric][0] == "share"
 
 
 def aligned(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -41,7 +41,7 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
     if scorer.is_classifier:  # the classifier's probability of the good label is above 1/2
         metrics["positive_share"] = float((r > 0).float().mean())
         rows["columns"]["positive"] = (r > 0).float().tolist()
-        rows["metrics"]["positive_share"] = ["mean", "positive"]
+        rows["metrics"]["positive_share"] = ["share", "positive"]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c, "reward": round(float(s), 3)}
                for p, c, s in list(zip(prompts, texts, r))[:cfg.eval.num_samples or 5]]
     return {"metrics": metrics, "samples": samples, "rows": rows}

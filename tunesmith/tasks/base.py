@@ -69,7 +69,8 @@ class Sums:
 # A row group: per-unit scores from which a metric can be recomputed on any resample of the units
 # (evaluate/stats.py: intervals, paired tests). {"name", "unit", "keys": one id per unit (equal
 # ids = the same input, so two evaluations of the same data pair up), "columns": {name: [float]},
-# "metrics": {metric: [reducer, column names or numbers...]}}; reducers are listed in evaluate/stats.py.
+# "metrics": {metric: [reducer, column names or numbers...]}}; reducers are listed in evaluate/stats.py
+# ("share" for the mean of a 0/1 column, whose change McNemar's test takes; "mean" for any number).
 RowGroup = dict[str, Any]
 
 

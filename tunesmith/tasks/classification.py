@@ -33,7 +33,7 @@ def per_example(s: Sums, labels: list[str] | None) -> RowGroup:
                         "correct": (y_pred == y_true).double().tolist(),
                         "confidence": logits.softmax(-1).max(-1).values.tolist(),
                         "loss": F.cross_entropy(logits, y_true, reduction="none").tolist()},
-            "metrics": {"accuracy": ["mean", "correct"], "loss": ["mean", "loss"],
+            "metrics": {"accuracy": ["share", "correct"], "loss": ["mean", "loss"],
                         "f1_macro": ["f1_macro", "label", "pred", classes],
                         "precision_macro": ["precision_macro", "label", "pred", classes],
                         "recall_macro": ["recall_macro", "label", "pred", classes],

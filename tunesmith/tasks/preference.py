@@ -57,7 +57,7 @@ def _summarise_pairs(s: Sums, labels) -> dict:
 def _pair_rows(s: Sums, labels) -> RowGroup:
     """Per pair (KTO: per example): its weighted loss and weight, whether it ranked right, its margin."""
     return {"columns": s.row_columns(), "metrics": {"loss": ["ratio", "loss", "weight"],
-                                                    "accuracy": ["mean", "correct"], "margin": ["mean", "margin"]}}
+                                                    "accuracy": ["share", "correct"], "margin": ["mean", "margin"]}}
 
 
 def _prompt_text(cfg, examples: list[PrefExample]) -> list[str]:

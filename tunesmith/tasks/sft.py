@@ -35,7 +35,7 @@ def evaluate_more(result: dict, model, tokenizer, data, cfg, acc, split: str) ->
         "columns": {"exact": [float(g["exact"]) for g in result["generations"]],
                     "contains": [float(g["contains"]) for g in result["generations"]],
                     "rouge_l": rouge, "chrf": chrf_scores},
-        "metrics": {"exact_match": ["mean", "exact"], "contains": ["mean", "contains"],
+        "metrics": {"exact_match": ["share", "exact"], "contains": ["share", "contains"],
                     "rouge_l": ["mean", "rouge_l"], "chrf": ["mean", "chrf"]}})
 
 

@@ -191,7 +191,8 @@ def _hyperparameters(cfg: RunConfig) -> dict[str, Any]:
     """The settings a model card lists: the method's options and the optimisation's."""
     method = {k: v for k, v in cfg.method.model_dump().items() if v not in (None, [], {}) and k != "name"}
     t = cfg.train
-    return {"method options": method, "epochs": t.epochs, "batch size": t.batch_size,
+    steps = {"max steps": t.max_steps} if t.max_steps else {"epochs": t.epochs}
+    return {"method options": method, **steps, "batch size": t.batch_size,
             "gradient accumulation": t.grad_accum, "learning rate": t.lr, "seed": t.seed,
             "max length": cfg.data.max_length}
 
