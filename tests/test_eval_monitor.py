@@ -185,3 +185,12 @@ def test_static_embeddings_are_the_mean_of_the_token_rows(runs):
     table = loaded.model.get_input_embeddings().weight.detach().numpy()
     ids = loaded.tokenizer("a good film", add_special_tokens=False)["input_ids"]
     assert emb[0] == pytest.approx(table[ids].mean(0), abs=1e-5)
+    # a text far longer than max_length (cut by characters first): the same kept tokens
+    long_text = " ".join(_reviews(60, 5)[i]["text"] for i in range(60))
+    for side in ("left", "right"):
+        loaded.cfg.data.truncation_side = side
+        loaded.tokenizer.truncation_side = side
+        full = loaded.tokenizer(long_text, truncation=True, max_length=loaded.cfg.data.max_length,
+                                add_special_tokens=False)["input_ids"]
+        assert len(long_text) > 16 * loaded.cfg.data.max_length
+        assert static_embeddings(loaded, [long_text])[0] == pytest.approx(table[full].mean(0), abs=1e-5)
