@@ -58,7 +58,7 @@ class Sums:
             self.outputs.append(out.logits.float().cpu())
             self.targets.append(batch["label"].cpu())
         for k, v in out.rows.items():
-            self.rows.setdefault(k, []).append(v.detach().double().cpu())
+            self.rows.setdefault(k, []).append(v.detach().cpu().double())  # to the CPU first: mps has no float64
         self.order += idxs or []
 
     def row_columns(self) -> dict[str, list[float]]:
