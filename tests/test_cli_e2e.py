@@ -92,6 +92,15 @@ def test_sft_chat_lora_and_generation(tmp_path, tiny_llama, qa_rows, capsys):
     assert a["loss"] < b["loss"] * 0.7 and a["contains"] >= b["contains"]
     assert {"exact_match", "contains", "perplexity", "token_accuracy"} <= set(a)
     assert json.loads((rd / "run.json").read_text())["chat_template"] is True
+    # issue 23: answers scored against references, and the forgetting probe, each with a paired test
+    assert {"rouge_l", "chrf", "forgetting_perplexity", "general_qa_accuracy"} <= set(a)
+    stats = report["stats"]["metrics"]
+    assert stats["general_qa_accuracy"]["test"].startswith("McNemar") and stats["contains"]["test"].startswith("McNemar")
+    assert {stats[m]["test"] for m in ("forgetting_perplexity", "rouge_l", "chrf", "perplexity")} == {"paired bootstrap"}
+    lo, hi = stats["perplexity"]["after_ci"]
+    assert lo <= a["perplexity"] <= hi and stats["perplexity"]["change"] < 0
+    md = (rd / "eval_report.md").read_text()
+    assert "## Forgetting" in md and "What is the capital of France?" in md and "rouge_l" in md
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -34,6 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="config with task/columns/template (default: the run's own)")
     e.add_argument("--json", dest="json_out", help="also write the full result to this JSON file")
 
+    cm = sub.add_parser("compare", help="runs side by side: each metric with a 95%% interval, and each run vs the "
+                        "first with a paired test")
+    cm.add_argument("runs", nargs="+", help="run folders (their eval_report.json) or JSON files of `tunesmith eval --json`")
+    cm.add_argument("--json", dest="json_out", help="also write the comparison to this JSON file")
+    cm.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    cm.add_argument("--seed", type=int, default=0)
+
+    mo = sub.add_parser("monitor", help="test new inputs (and predictions) for drift from a run's data, window by window")
+    mo.add_argument("run", help="the run folder of the deployed model")
+    mo.add_argument("--data", required=True, help="new inputs: a .txt file (one per line), a data file read through the "
+                    "run's data.columns, or `tunesmith predict --json` lines (an 'input' field + the predictions)")
+    mo.add_argument("--window", type=int, default=500, help="inputs per window, in file order (default 500)")
+    mo.add_argument("--reference", type=int, default=1000, help="reference inputs from the run's held-out split (default 1000)")
+    mo.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate per window (default 0.05)")
+    mo.add_argument("--out", help="report folder (default RUN/monitor/<data file name>)")
+    mo.add_argument("--json", action="store_true", help="print the report as JSON")
+
     pr = sub.add_parser("predict", help="classify texts or generate replies with a trained run (or several "
                         "adapter runs over one base)")
     pr.add_argument("run", nargs="+", help="run folder(s) or a merged/plain model folder; several adapter runs of one "
@@ -132,12 +149,29 @@ def run(argv: list[str]) -> int:
         from tunesmith.evaluate.report import single_markdown
         from tunesmith.runs import evaluate
 
+        from tunesmith.evaluate.stats import compare_results
+
         result = evaluate(args.model, args.data, args.config, rest)
         for w in result.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
-        print(single_markdown(result))
+        print(single_markdown(result, compare_results(None, result)))
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps(result, indent=2))
+            _write_atomic(Path(args.json_out), json.dumps(result, indent=2))
+    elif args.command == "compare":
+        from tunesmith.evaluate.compare import compare_markdown, compare_runs
+
+        _no_overrides(rest)
+        comparison = compare_runs(args.runs, args.resamples, args.seed)
+        print(compare_markdown(comparison))
+        if args.json_out:
+            _write_atomic(Path(args.json_out), json.dumps(comparison, indent=2))
+    elif args.command == "monitor":
+        from tunesmith.monitor import monitor, monitor_markdown
+
+        _no_overrides(rest)
+        report = monitor(args.run, args.data, args.window, args.reference, args.alpha, args.out)
+        print(json.dumps(report, indent=2) if args.json else monitor_markdown(report) + f"\nwritten to {report['out']}")
+        return 1 if report["drift"] else 0
     elif args.command == "predict":
         _no_overrides(rest)
         if not args.text and not args.file:
@@ -294,6 +328,13 @@ def _predict(args, texts: list[str]) -> None:
         if not args.json:
             print(f"## adapter {name} (switch {switch * 1e3:.2f} ms)")
         _print_predictions(aset.predict(texts, name, args.max_new_tokens), args.json, name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _no_overrides(rest: list[str]) -> None:

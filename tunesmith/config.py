@@ -372,6 +372,16 @@ class EvalConfig(_Section):
     )
     batch_size: int = Field(32, ge=1, description="Evaluation batch size.")
     max_examples: int | None = Field(None, ge=1, description="Cap on test examples evaluated.")
+    forgetting_text: str | None = Field(
+        "builtin:kjv", description="[generative tasks] Held-out general text (a file or builtin: alias with a text "
+        "column): its perplexity before vs after training shows forgetting. Pick text the run does not train on; "
+        "null: skip.")
+    forgetting_blocks: int = Field(32, ge=1, description="Blocks of data.max_length tokens of forgetting_text scored.")
+    forgetting_questions: str | None = Field(
+        "builtin:general-qa", description="[generative tasks] General-knowledge questions, JSONL {question, answers}: "
+        "the share answered (greedy, an accepted answer contained) before vs after; null: skip.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples behind each 95% interval and "
+                                     "paired test in the report (seeded with train.seed).")
 
 
 class PreferenceConfig(_Section):

@@ -160,10 +160,13 @@ def tokenize_sft(examples: list[Example], fmt: str, cfg: DataConfig, tokenizer) 
             stats.dropped += 1
             problems.append(Problem(e.where, f"no answer tokens left within max_length={cfg.max_length}", field="completion"))
             continue
-        reference = e.expected or (e.completion if e.messages is None else e.messages[-1]["content"])
+        answer = e.completion if e.messages is None else e.messages[-1]["content"]
+        reference = e.expected or answer
         question = e.prompt if e.messages is None else e.messages[-2]["content"] if len(e.messages) > 1 else ""
+        # question: what was asked, for the report's per-question table; answer: the data's whole
+        # answer, which ROUGE-L and chrF compare with (reference may be a phrase it must contain)
         feats.append({"input_ids": ids, "labels": labels, "prompt_len": plen, "reference": reference,
-                      "question": question})  # what was asked, for the report's per-question table
+                      "question": question, "answer": answer})
     if not feats:
         raise DataError(problems)
     return feats, stats

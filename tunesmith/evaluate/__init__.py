@@ -15,21 +15,28 @@ from accelerate import Accelerator
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
 from tunesmith.data.collate import batch_order, collate_any, feature_length
+from tunesmith.evaluate.forgetting import forgetting_probe
 from tunesmith.methods.folded import lora_folded
 from tunesmith.tasks import Sums, get_task
-from tunesmith.tasks.base import generate  # noqa: F401 (re-exported)
+from tunesmith.tasks.base import RowGroup, generate, row_keys  # noqa: F401 (generate re-exported)
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
 def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: list[str] | None, pad_id: int,
                    acc: Accelerator, frozen=None) -> dict:
     """The task's objective over features, summed, then its metrics (accuracy/F1, loss/perplexity,
     pairwise accuracy and margin, MAE/RMSE...). `frozen`: the training loop's FrozenBottom
     (train/frozen_cache.py), whose kept outputs the evaluation reuses."""
+    return get_task(cfg.task).summarise(objective_sums(model, feats, cfg, pad_id, acc, frozen), labels)
+
+
+@torch.no_grad()
+def objective_sums(model, feats: list[dict[str, Any]], cfg: RunConfig, pad_id: int, acc: Accelerator,
+                   frozen=None) -> Sums:
+    """The task's objective over features in evaluation batches: its sums, and its per-unit rows."""
     task = get_task(cfg.task)
     was_training = model.training
     model.eval()
@@ -41,9 +48,20 @@ def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: l
             batch = _to(collate_any(batch_feats, pad_id), acc.device)
             with acc.autocast(), frozen.use(batch_feats, batch) if frozen is not None else nullcontext():
                 out = objective(model, batch)
-            sums.add(out, batch, task.count_items(batch))
+            sums.add(out, batch, task.count_items(batch), idxs)
     model.train(was_training)
-    return task.summarise(sums, labels)
+    return sums
+
+
+def _eval_group(sums: Sums, split, feats: list[dict], labels: list[str] | None, task) -> RowGroup | None:
+    """The objective's per-example scores as a row group, units back in the features' order."""
+    group = task.per_example(sums, labels)
+    if group is None:
+        return None
+    where = {i: pos for pos, i in enumerate(sums.order)}  # feature index -> position in the sums
+    order = [where[i] for i in range(len(feats))]
+    return {"name": "eval", "unit": "example", "keys": row_keys(split, len(feats)), **group,
+            "columns": {k: [v[p] for p in order] for k, v in group["columns"].items()}}
 
 
 def sample_inputs(cfg: RunConfig, data: PreparedData) -> list[str]:
@@ -68,21 +86,23 @@ def evaluate_model(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Ac
     """Everything the report shows for one model: split metrics, generation scores, samples."""
     task = get_task(cfg.task)
     feats = data.splits[split].features[: cfg.eval.max_examples]
-    result: dict[str, Any] = {
-        "split": split,
-        "examples": len(feats),
-        # an online task's held-out data are prompts: its metrics come from sampling (evaluate_more)
-        "metrics": {} if task.online else score_features(model, feats, cfg, data.labels, tokenizer.pad_token_id, acc),
-    }
-    sources = data.splits[split].sources
-    if sources is not None and data.source_names and not task.online:  # a data mix: each source's own metrics
-        sources = sources[: len(feats)]
-        result["per_source"] = {
-            name: {"examples": sum(s == k for s in sources),
-                   "metrics": score_features(model, [f for f, s in zip(feats, sources) if s == k], cfg, data.labels,
-                                             tokenizer.pad_token_id, acc)}
-            for k, name in enumerate(data.source_names) if k in set(sources)}
-    task.evaluate_more(result, model, tokenizer, data, cfg, acc, split)
+    result: dict[str, Any] = {"split": split, "examples": len(feats), "metrics": {}, "rows": []}
+    if not task.online:  # an online task's held-out data are prompts: its metrics come from sampling (evaluate_more)
+        sums = objective_sums(model, feats, cfg, tokenizer.pad_token_id, acc)
+        result["metrics"] = task.summarise(sums, data.labels)
+        group = _eval_group(sums, data.splits[split], feats, data.labels, task)
+        result["rows"] += [group] if group else []
+        sources = data.splits[split].sources
+        if sources is not None and data.source_names:  # a data mix: each source's own metrics
+            sources = sources[: len(feats)]
+            result["per_source"] = {
+                name: {"examples": sum(s == k for s in sources),
+                       "metrics": score_features(model, [f for f, s in zip(feats, sources) if s == k], cfg,
+                                                 data.labels, tokenizer.pad_token_id, acc)}
+                for k, name in enumerate(data.source_names) if k in set(sources)}
+    task.evaluate_more(result, model, tokenizer, data, cfg, acc, split)  # may add metrics and row groups
+    if task.predicts == "generate":  # a generative run: does it still model general text and know general facts?
+        forgetting_probe(result, model, tokenizer, cfg, acc, data.chat)
     result["samples"] = predict_texts(model, tokenizer, sample_inputs(cfg, data), cfg, data.chat, data.labels, acc)
     result["warnings"] = metric_warnings(result["metrics"])
     return result

@@ -23,6 +23,8 @@ class LossOut:
     correct: int  # argmax hits among counted items
     logits: torch.Tensor | None = None  # classification: (B, C) for metrics
     extras: dict[str, float] = field(default_factory=dict)  # other per-item sums to average (e.g. reward margins)
+    # per unit of the batch (B,): the sums behind loss_sum/count/correct, for per-example scores
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def classification(model, batch: dict[str, torch.Tensor]) -> LossOut:
@@ -45,11 +47,14 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     view, which torch multiplies as a batched matmul against an expanded weight, about 2x slower
     on CPU (measured on SmolLM2's 576 x 49k head).
     """
-    picked, target, _ = target_logits(model, batch)
+    picked, target, keep = target_logits(model, batch)
     picked = picked.float()
-    loss = F.cross_entropy(picked, target, reduction="sum")
-    correct = int((picked.argmax(-1) == target).sum())
-    return LossOut(loss, int(target.numel()), correct)
+    per_token = F.cross_entropy(picked, target, reduction="none")  # (N,)
+    hits = picked.argmax(-1) == target  # (N,)
+    seq = keep.nonzero()[:, 0]  # (N,) the sequence each target belongs to (row-major, as target)
+    per_seq = lambda v: torch.zeros(len(keep), device=v.device).index_add(0, seq, v.detach().float())  # noqa: E731
+    rows = {"loss": per_seq(per_token), "tokens": keep.sum(-1).float(), "correct": per_seq(hits.float())}
+    return LossOut(per_token.sum(), int(target.numel()), int(hits.sum()), rows=rows)
 
 
 def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,13 +32,19 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
             kls.append(((ro.logps - ro.ref_logps) * ro.mask).sum(-1))
             lengths.append(ro.mask.sum(-1).float())
             texts += ro.texts
-    r, kl = torch.cat(rewards), torch.cat(kls)
-    metrics = {"reward": float(r.mean()), "kl": float(kl.mean()), "completion_tokens": float(torch.cat(lengths).mean())}
+    r, kl, n = torch.cat(rewards), torch.cat(kls), torch.cat(lengths)
+    metrics = {"reward": float(r.mean()), "kl": float(kl.mean()), "completion_tokens": float(n.mean())}
+    # per prompt, for intervals and paired tests (evaluate/stats.py); seeded draws, so before and
+    # after sample with the same randomness and the pairs share more than the prompt
+    rows = {"columns": {"reward": r.tolist(), "kl": kl.tolist(), "tokens": n.tolist()},
+            "metrics": {"reward": ["mean", "reward"], "kl": ["mean", "kl"], "completion_tokens": ["mean", "tokens"]}}
     if scorer.is_classifier:  # the classifier's probability of the good label is above 1/2
         metrics["positive_share"] = float((r > 0).float().mean())
+        rows["columns"]["positive"] = (r > 0).float().tolist()
+        rows["metrics"]["positive_share"] = ["share", "positive"]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c, "reward": round(float(s), 3)}
                for p, c, s in list(zip(prompts, texts, r))[:cfg.eval.num_samples or 5]]
-    return {"metrics": metrics, "samples": samples}
+    return {"metrics": metrics, "samples": samples, "rows": rows}
 
 
 def _tax_features(cfg: RunConfig, tokenizer) -> list[dict]:

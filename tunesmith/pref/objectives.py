@@ -40,6 +40,12 @@ def _weighted(losses: torch.Tensor, batch) -> torch.Tensor:
     return (losses * batch["weight"]).sum()
 
 
+def _rows(losses: torch.Tensor, right: torch.Tensor, margin: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+    """Per pair (or example): weighted loss, weight, ranked right, margin (tasks/preference.py)."""
+    return {"loss": (losses * batch["weight"]).detach().float(), "weight": batch["weight"].float(),
+            "correct": right.float(), "margin": margin.detach().float()}
+
+
 def reward_objective(model, batch, pref) -> LossOut:
     r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()  # (2B,)
     r_c, r_r = r.chunk(2)
@@ -48,7 +54,8 @@ def reward_objective(model, batch, pref) -> LossOut:
     diff = (r_c - r_r).detach()
     return LossOut(_weighted(losses, batch), len(r_c), int((diff > 0).sum()),
                    extras={"margin": float(diff.sum()), "chosen_reward": float(r_c.detach().sum()),
-                           "rejected_reward": float(r_r.detach().sum())})
+                           "rejected_reward": float(r_r.detach().sum())},
+                   rows=_rows(losses, diff > 0, diff, batch))
 
 
 def dpo_objective(model, batch, pref) -> LossOut:
@@ -63,7 +70,8 @@ def dpo_objective(model, batch, pref) -> LossOut:
     ref_logratio = -(rew_c + rew_r) / (2 * pref.beta)
     return LossOut(_weighted(losses, batch), len(p_c), int((rew_c > rew_r).sum()),
                    extras={"margin": float((rew_c - rew_r).sum()), "chosen_reward": float(rew_c.sum()),
-                           "rejected_reward": float(rew_r.sum()), "ref_logratio": float(ref_logratio.sum())})
+                           "rejected_reward": float(rew_r.sum()), "ref_logratio": float(ref_logratio.sum())},
+                   rows=_rows(losses, rew_c > rew_r, rew_c - rew_r, batch))
 
 
 def orpo_objective(model, batch, pref) -> LossOut:
@@ -73,7 +81,8 @@ def orpo_objective(model, batch, pref) -> LossOut:
     ratio = orpo_odds_ratio(m_c, m_r)
     losses = -m_c - pref.orpo_lambda * ratio  # SFT loss on the chosen response + odds-ratio term
     return LossOut(_weighted(losses, batch), len(m_c), int((m_c > m_r).sum()),
-                   extras={"margin": float((m_c - m_r).detach().sum()), "log_odds_ratio": float(ratio.detach().sum())})
+                   extras={"margin": float((m_c - m_r).detach().sum()), "log_odds_ratio": float(ratio.detach().sum())},
+                   rows=_rows(losses, m_c > m_r, m_c - m_r, batch))
 
 
 def kto_objective(model, batch, pref) -> LossOut:
@@ -86,7 +95,8 @@ def kto_objective(model, batch, pref) -> LossOut:
     right = ((rewards > 0) & (good > 0)) | ((rewards < 0) & (good == 0))
     sign = good * 2 - 1  # margin: desirable rewards count up, undesirable down
     return LossOut(_weighted(losses, batch), len(p), int(right.sum()),
-                   extras={"margin": float((sign * rewards).sum()), "kl": float(kl) * len(p)})
+                   extras={"margin": float((sign * rewards).sum()), "kl": float(kl) * len(p)},
+                   rows=_rows(losses, right, sign * rewards, batch))
 
 
 def count_weights(batch: dict[str, torch.Tensor]) -> float:

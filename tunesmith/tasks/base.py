@@ -5,8 +5,10 @@ The core (data, train, evaluate, runs, cli) calls these functions and never comp
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Literal
 
 import torch
@@ -43,8 +45,10 @@ class Sums:
     extras: dict[str, float] = field(default_factory=dict)
     outputs: list[torch.Tensor] = field(default_factory=list)  # per batch: the head's outputs (B, C)
     targets: list[torch.Tensor] = field(default_factory=list)  # per batch: batch["label"] (B,)
+    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per batch: the objective's per-unit sums (B,)
+    order: list[int] = field(default_factory=list)  # the features' indices in the order they were added
 
-    def add(self, out: LossOut, batch: Batch, items: float) -> None:
+    def add(self, out: LossOut, batch: Batch, items: float, idxs: list[int] | None = None) -> None:
         self.loss += float(out.loss_sum)
         self.count += out.count
         self.items += items
@@ -54,6 +58,45 @@ class Sums:
         if out.logits is not None:
             self.outputs.append(out.logits.float().cpu())
             self.targets.append(batch["label"].cpu())
+        for k, v in out.rows.items():
+            self.rows.setdefault(k, []).append(v.detach().cpu().double())  # to the CPU first: mps has no float64
+        self.order += idxs or []
+
+    def row_columns(self) -> dict[str, list[float]]:
+        """The objective's per-unit rows, in the order the features were added."""
+        return {k: torch.cat(v).tolist() for k, v in self.rows.items()}
+
+
+# A row group: per-unit scores from which a metric can be recomputed on any resample of the units
+# (evaluate/stats.py: intervals, paired tests). {"name", "unit", "keys": one id per unit (equal
+# ids = the same input, so two evaluations of the same data pair up), "columns": {name: [float]},
+# "metrics": {metric: [reducer, column names or numbers...]}}; reducers are listed in evaluate/stats.py
+# ("share" for the mean of a 0/1 column, whose change McNemar's test takes; "mean" for any number).
+RowGroup = dict[str, Any]
+
+
+def unit_key(item: Any) -> str:
+    """A short, stable id of an example or feature (its content, without its file location)."""
+    if is_dataclass(item):
+        item = {k: v for k, v in asdict(item).items() if k != "where"}
+    text = json.dumps(item, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def row_keys(split: Any, n: int) -> list[str]:
+    """Ids of a split's first n evaluated units: its examples when its features are one per
+    example (the same data read through another tokenizer pairs up), else the features themselves
+    (packed text blocks, or examples the tokenizer dropped)."""
+    if len(split.examples) == len(split.features):
+        return [unit_key(e) for e in split.examples[:n]]
+    return [unit_key({"input_ids": f["input_ids"]}) for f in split.features[:n]]
+
+
+def lm_rows(s: Sums, labels) -> RowGroup:
+    """Per sequence: summed next-token loss, target tokens and argmax hits (objectives.causal_lm)."""
+    return {"columns": s.row_columns(), "metrics": {
+        "loss": ["ratio", "loss", "tokens"], "perplexity": ["exp_ratio", "loss", "tokens"],
+        "token_accuracy": ["ratio", "correct", "tokens"]}}
 
 
 @dataclass(frozen=True)
@@ -89,6 +132,9 @@ class Task:
     before_fit: Callable[..., None] = lambda *args: None
     probe: Callable[[list[dict]], list[dict]] = lambda feats: feats  # what the pre-training gradient check runs
     describe: Callable[[list[Any], list[dict]], dict[str, Any]] = lambda exs, feats: {}  # `data check` extras
+    # (sums, labels) -> {"columns", "metrics"} of a RowGroup, units in the order of sums.order:
+    # the per-example scores behind summarise's metrics, for intervals and paired tests (None: none)
+    per_example: Callable[[Sums, list[str] | None], RowGroup | None] = lambda sums, labels: None
 
     def prepare(self, cfg: RunConfig, tokenizer) -> PreparedData:
         """The whole data pipeline for a run: read, validate, split, tokenise.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from tunesmith.data.formats import read_examples
 from tunesmith.data.tokenize import tokenize_cpt
 from tunesmith.objectives import causal_lm, count_targets
-from tunesmith.tasks.base import GENERATE, Task, first_words, generate_replies
+from tunesmith.tasks.base import GENERATE, Task, first_words, generate_replies, lm_rows
 from tunesmith.tasks.metrics import lm_metrics
 from tunesmith.tasks.sft import LM_METRICS
 
@@ -19,4 +19,5 @@ TASK = Task(
     summarise=lambda s, labels: lm_metrics(s.loss, s.count, s.correct),
     # continue a document's opening words
     sample_inputs=lambda cfg, examples: [first_words(e.text) for e in examples], predict=generate_replies,
+    per_example=lm_rows,
 )

@@ -5,6 +5,8 @@ import math
 import re
 import string
 
+import numpy as np
+
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 
@@ -49,3 +51,64 @@ def match_metrics(generations: list[str], references: list[str]) -> dict:
     exact = sum(normalize(g) == normalize(r) for g, r in zip(generations, references))
     contains = sum(f" {normalize(r)} " in f" {normalize(g)} " for g, r in zip(generations, references))
     return {"exact_match": exact / n, "contains": contains / n, "generated": len(references)}
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenisation (lower-case, runs of non-alphanumerics are spaces, no
+    stemming), with Unicode letters kept as letters where rouge-score keeps only a-z0-9."""
+    return _NON_WORD.sub(" ", text.lower()).split()
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence of two token lists, by the row-by-row dynamic programme."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(generation: str, reference: str) -> float:
+    """ROUGE-L F1 of one generation against its reference (Lin 2004, section 3.1, beta = 1, as
+    rouge-score's rougeL fmeasure): LCS / length gives recall and precision."""
+    hyp, ref = rouge_tokens(generation), rouge_tokens(reference)
+    lcs = lcs_length(hyp, ref)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(hyp), lcs / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def chrf(generations: list[str], references: list[str]) -> list[float]:
+    """Sentence-level chrF (character 6-grams, beta 2; Popovic 2015) of each generation, from
+    sacrebleu, on its 0-100 scale."""
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError as e:  # pinned in requirements.txt; a clear message if an install lacks it
+        raise ImportError("chrF needs sacrebleu: pip install sacrebleu==2.6.0") from e
+    metric = CHRF()
+    return [float(metric.sentence_score(g, [r]).score) for g, r in zip(generations, references)]
+
+
+def calibration(confidence: list[float], correct: list[bool], bins: int = 15) -> dict:
+    """Expected calibration error over `bins` equal-width confidence bins (lo, hi] (Guo et al.
+    2017, eq. 3: sum over bins of |accuracy - mean confidence| x share of examples), and each
+    bin's count, mean confidence and accuracy for the reliability diagram."""
+    n = max(len(confidence), 1)
+    rows, ece = [], 0.0
+    edges = [float(e) for e in np.linspace(0, 1, bins + 1)]  # the edges evaluate/stats.py's ECE uses
+    for b in range(bins):
+        lo, hi = edges[b], edges[b + 1]
+        members = [i for i, c in enumerate(confidence) if (lo < c <= hi) or (b == 0 and c <= lo)]
+        conf = sum(confidence[i] for i in members) / len(members) if members else 0.0
+        accuracy = sum(bool(correct[i]) for i in members) / len(members) if members else 0.0
+        ece += len(members) / n * abs(accuracy - conf)
+        rows.append({"lower": lo, "upper": hi, "count": len(members), "confidence": conf, "accuracy": accuracy})
+    return {"ece": ece, "bins": rows}

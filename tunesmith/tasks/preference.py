@@ -29,7 +29,7 @@ from tunesmith.pref.objectives import (
     orpo_objective,
     reward_objective,
 )
-from tunesmith.tasks.base import GENERATE, Sums, Task, generate_replies, head_outputs
+from tunesmith.tasks.base import GENERATE, RowGroup, Sums, Task, generate_replies, head_outputs, lm_rows, unit_key
 from tunesmith.tasks.metrics import lm_metrics
 
 PAIRS = frozenset({"preference", "ranking"})
@@ -52,6 +52,12 @@ def _read_unpaired(records, cfg: RunConfig, labels, names) -> tuple[str, list[Pr
 def _summarise_pairs(s: Sums, labels) -> dict:
     return {"loss": s.loss / (s.items or 1), "accuracy": s.correct / max(s.count, 1),
             **{k: v / max(s.count, 1) for k, v in s.extras.items()}}
+
+
+def _pair_rows(s: Sums, labels) -> RowGroup:
+    """Per pair (KTO: per example): its weighted loss and weight, whether it ranked right, its margin."""
+    return {"columns": s.row_columns(), "metrics": {"loss": ["ratio", "loss", "weight"],
+                                                    "accuracy": ["share", "correct"], "margin": ["mean", "margin"]}}
 
 
 def _prompt_text(cfg, examples: list[PrefExample]) -> list[str]:
@@ -77,6 +83,8 @@ def _policy_metrics(result: dict, model, tokenizer, data, cfg: RunConfig, acc, s
         policy = evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)
         result["metrics"].update(policy["metrics"])
         result["generations"] = policy["samples"]
+        result.setdefault("rows", []).append({"name": "policy", "unit": "prompt", "keys": [unit_key(p) for p in prompts],
+                               **policy["rows"]})
     if cfg.pref.tax_data:
         result["metrics"]["tax_perplexity"] = alignment_tax(model, tokenizer, cfg, acc)
 
@@ -108,7 +116,7 @@ def _as_lm_rows(feats: list[dict]) -> list[dict]:
 
 _COMMON = dict(detect=lambda fields, cfg: detect_pref_format(fields),
                describe=lambda examples, feats: {"preference": pref_report(examples, feats)})
-_OFFLINE = dict(_COMMON, count_items=count_weights, summarise=_summarise_pairs)
+_OFFLINE = dict(_COMMON, count_items=count_weights, summarise=_summarise_pairs, per_example=_pair_rows)
 _POLICY = dict(predicts="generate", serves=GENERATE, head=None, chat=_chat(True), predict=generate_replies,
                sample_inputs=_prompt_text, evaluate_more=_policy_metrics)
 
@@ -118,7 +126,8 @@ def _online(name: str, how: str) -> Task:
                 metrics={"reward": True}, best_metric="reward", read=_read(PAIRS | {"prompt", "unpaired"}),
                 encode=lambda examples, fmt, cfg, tokenizer, chat: encode_prompts(examples, cfg, tokenizer, chat),
                 objective=lambda cfg: causal_lm, count_items=count_targets, probe=_as_lm_rows,
-                summarise=lambda s, labels: lm_metrics(s.loss, s.count, s.correct), check=_needs_reward)
+                summarise=lambda s, labels: lm_metrics(s.loss, s.count, s.correct), check=_needs_reward,
+                per_example=lm_rows)
 
 
 def _pairs(examples, fmt, cfg, tokenizer, chat):

@@ -19,7 +19,7 @@ from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import tokenize_texts
 from tunesmith.errors import DataError, Problem, TunesmithError
 from tunesmith.objectives import LossOut, count_examples
-from tunesmith.tasks.base import Sums, Task, head_outputs
+from tunesmith.tasks.base import RowGroup, Sums, Task, head_outputs
 
 FORMATS = frozenset({"classification"})  # text + label; here the label is a number
 
@@ -75,6 +75,17 @@ def summarise(s: Sums, labels) -> dict[str, float]:
     return out
 
 
+def per_example(s: Sums, labels) -> RowGroup:
+    """Each example's prediction, target and errors. Spearman's rank correlation has no interval:
+    the ranks of a resample are not a sum over examples."""
+    pred, true = torch.cat(s.outputs)[:, 0].double(), torch.cat(s.targets).double()  # (N,), (N,)
+    err = pred - true
+    return {"columns": {"pred": pred.tolist(), "target": true.tolist(), "abs_err": err.abs().tolist(),
+                        "sq_err": err.pow(2).tolist()},
+            "metrics": {"loss": ["mean", "sq_err"], "mae": ["mean", "abs_err"], "rmse": ["sqrt_mean", "sq_err"],
+                        "pearson": ["pearson", "pred", "target"]}}
+
+
 def predict(model, tokenizer, texts: list[str], cfg, chat: bool, labels, acc) -> list[dict]:
     values = head_outputs(model, tokenizer, texts, cfg, acc, cfg.eval.batch_size)[:, 0].tolist()
     return [{"input": t, "score": round(v, 4)} for t, v in zip(texts, values)]
@@ -93,4 +104,5 @@ TASK = Task(
     read=read, encode=lambda examples, fmt, cfg, tokenizer, chat: tokenize_texts(examples, cfg.data, tokenizer),
     objective=lambda cfg: objective, count_items=count_examples, summarise=summarise,
     sample_inputs=lambda cfg, examples: [e.text or "" for e in examples], predict=predict, describe=describe,
+    per_example=per_example,
 )

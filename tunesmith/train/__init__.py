@@ -21,7 +21,9 @@ from tunesmith.config import RunConfig, check_inputs_exist, dump_config, load_co
 from tunesmith.data import PreparedData
 from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.evaluate import evaluate_model
+from tunesmith.evaluate.plots import confusion_plot, reliability_diagram
 from tunesmith.evaluate.report import comparison_markdown, model_card, plot_curves, plot_pref_curves, write_report
+from tunesmith.evaluate.stats import compare_results
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
@@ -165,17 +167,44 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "final_split": after["split"], "final_metric": result.best_metric,
         "final_value": after["metrics"].get(result.best_metric),
         "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
+        "forgetting_note": _forgetting_note(cfg),
     }
     (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
     train_data = cfg.data.train_name()
-    (saved / "README.md").write_text(model_card(summary, before, after, run_dir.name, train_data))
-    write_report(run_dir, before, after, summary)
+    stats = compare_results(before, after, cfg.eval.bootstrap_resamples, cfg.train.seed)
+    card = model_card({**summary, "predicts": task.predicts, "data_summary": _data_summary(data, task)}, before, after,
+                      run_dir.name, train_data, stats, _hyperparameters(cfg))
+    (saved / "README.md").write_text(card)  # beside the weights, for sharing them
+    (run_dir / "README.md").write_text(card)  # and the run folder's own card
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
-    _say("\n" + comparison_markdown(before, after) + f"\n\nrun folder: {run_dir}", on_event)
+    reliability_diagram(before, after, run_dir / "reliability.png")  # classifiers: their probabilities
+    confusion_plot(before, after, run_dir / "confusion.png")
+    write_report(run_dir, before, after, summary, stats)  # after the figures it links to
+    _say("\n" + comparison_markdown(before, after, stats) + f"\n\nrun folder: {run_dir}", on_event)
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})
     return RunResult(run_dir, before, after, summary)
+
+
+def _hyperparameters(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a model card lists: the method's options and the optimisation's."""
+    method = {k: v for k, v in cfg.method.model_dump().items() if v not in (None, [], {}) and k != "name"}
+    t = cfg.train
+    steps = {"max steps": t.max_steps} if t.max_steps else {"epochs": t.epochs}
+    return {"method options": method, **steps, "batch size": t.batch_size,
+            "gradient accumulation": t.grad_accum, "learning rate": t.lr, "seed": t.seed,
+            "max length": cfg.data.max_length}
+
+
+def _forgetting_note(cfg: RunConfig) -> str | None:
+    """A warning when the forgetting text is the run's own training data: then its perplexity
+    measures learning, not forgetting."""
+    sources = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
+    if cfg.eval.forgetting_text and cfg.eval.forgetting_text in sources:
+        return (f"eval.forgetting_text ({cfg.eval.forgetting_text}) is this run's training data: its perplexity "
+                "shows what the run learnt, not what it forgot; set eval.forgetting_text to other text")
+    return None
 
 
 def _resolve_config(config: RunConfig | str | Path | dict, overrides: dict | list[str] | None) -> RunConfig:
