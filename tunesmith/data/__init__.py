@@ -97,7 +97,7 @@ def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None,
                 out[name] = taken
     if d.train_size is not None and _smaller(d.train_size, len(pool)):
         pool, _ = take(pool, d.train_size, d.seed + 1, strat(pool), "data.train_size")
-    out["train"] = pool
+    out["train"] = pool + out.pop("validation", []) if d.train_on_validation else pool
     return fmt, labels, out
 
 
