@@ -143,19 +143,19 @@ def test_search_prunes_reports_and_its_best_config_reproduces_the_trial(tmp_path
     from tunesmith.search import run_search
     from tunesmith.train import train
 
-    cfg = write_config(tmp_path, tiny_bert, data)
+    cfg = write_config(tmp_path, tiny_bert, data, epochs=2)
     space = write_space(tmp_path, "train.lr: {low: 1.0e-5, high: 3.0e-2, log: true}\n"
                         "train.weight_decay: [0.0, 0.1]\n")
     events = []
-    result = run_search(cfg, space, trials=7, sampler="random", seed=3, pruner="median", on_event=events.append)
+    result = run_search(cfg, space, trials=6, sampler="random", seed=3, pruner="median", on_event=events.append)
     sd = result.search_dir
     assert sd == tmp_path / "runs" / "tiny-search" and result.direction == "minimize" and result.metric == "loss"
     for f in ("results.csv", "results.md", "best.yaml", "importance.png", "parallel_coordinate.png", "study.db"):
         assert (sd / f).is_file(), f
     by_state = {s: [r for r in result.table if r["state"] == s] for s in ("complete", "pruned", "fail")}
-    assert len(result.table) == 7 and not by_state["fail"], result.table
-    assert by_state["pruned"], "expected the median pruner to stop a trial (3 startup trials, 6 evaluations each)"
-    full = 3 * 12  # steps of a whole trial
+    assert len(result.table) == 6 and not by_state["fail"], result.table
+    assert by_state["pruned"], "expected the median pruner to stop a trial (3 startup trials, 4 evaluations each)"
+    full = 2 * 12  # steps of a whole trial
     for r in by_state["pruned"]:
         assert r["steps"] < full and "pruned at evaluation" in r["detail"], r
         evals = [e for e in events if e.get("kind") == "eval" and e["trial"] == r["trial"]]
@@ -180,11 +180,11 @@ def test_search_prunes_reports_and_its_best_config_reproduces_the_trial(tmp_path
     assert again.summary["best_step"] == best["best_step"]
 
     # the same command again: the study is finished, nothing runs twice
-    again_result = run_search(cfg, space, trials=7, sampler="random", seed=3, pruner="median")
+    again_result = run_search(cfg, space, trials=6, sampler="random", seed=3, pruner="median")
     assert again_result.table == result.table
     # ... but a changed config is not mixed into it
     with pytest.raises(Exception, match="was made with another config or space"):
-        run_search(cfg, space, trials=7, overrides={"train.batch_size": 4})
+        run_search(cfg, space, trials=6, overrides={"train.batch_size": 4})
 
 
 def test_a_crashed_trial_fails_alone_and_an_invalid_one_says_why(tmp_path, tiny_bert, data):
@@ -229,3 +229,31 @@ def test_train_on_validation_adds_the_validation_split_and_keeps_the_test_split(
     assert merged["train"] == plain["train"] + plain["validation"] and len(merged["train"]) == 92
     with pytest.raises(ConfigError, match="early_stopping_patience: needs a validation split"):
         load_config(base, {"data.train_on_validation": True, "train.early_stopping_patience": 2})
+
+
+def test_parallel_trials_on_a_journal_file_then_the_best_retrained_on_train_and_validation(tmp_path, tiny_bert, data):
+    from optuna.trial import TrialState
+
+    from tunesmith.search import run_search
+
+    cfg = write_config(tmp_path, tiny_bert, data, epochs=1)
+    space = write_space(tmp_path, "train.lr: [1.0e-3, 3.0e-2]\n")
+    journal = tmp_path / "study.log"
+    result = run_search(cfg, space, sampler="grid", pruner="none", parallel=2, storage=str(journal), retrain=True,
+                        out=tmp_path / "search")
+    assert journal.is_file() and not (tmp_path / "search" / "study.db").exists()
+    import optuna
+
+    trials = optuna.load_study(study_name="tiny-search", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal)))).get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2
+    a, b = sorted(trials, key=lambda t: t.datetime_start)
+    assert b.datetime_start < a.datetime_complete, "two trials should have run at once"
+    # the retrain: the best config on train + validation (96 + 32 examples), scored on the same 32 test examples
+    r = result.retrain
+    assert r["final_split"] == "test" and r["final_value"] is not None and Path(r["run_dir"]).is_dir()
+    log = (tmp_path / "search" / "retrain.log").read_text()
+    assert "test 32, train 128" in log, log[:500]
+    retrained = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+    assert retrained["data"]["train_on_validation"] is True
+    assert retrained["train"]["lr"] == result.best["params"]["train.lr"]
