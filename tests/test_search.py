@@ -257,3 +257,12 @@ def test_parallel_trials_on_a_journal_file_then_the_best_retrained_on_train_and_
     retrained = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
     assert retrained["data"]["train_on_validation"] is True
     assert retrained["train"]["lr"] == result.best["params"]["train.lr"]
+
+
+def test_the_shipped_space_file_fits_its_config():
+    from tunesmith.search import load_space
+
+    root = Path(__file__).resolve().parent.parent
+    space = load_space(root / "configs" / "search" / "sentiment-lora.yaml")
+    assert space.names()[0] == "train.lr"
+    space.check(root / "configs" / "sentiment-lora.yaml", {})

@@ -30,6 +30,7 @@ from tunesmith.utils import current_rss_mb
 Sampler = Literal["tpe", "random", "grid"]
 Pruner = Literal["median", "asha", "none"]
 EventFn = Callable[[dict[str, Any]], None]
+TPE_STARTUP = 5  # random trials before TPE models the results (optuna's 10 would be all of a short search)
 MEDIAN_STARTUP = 3  # trials that finish before the median pruner stops any (optuna's default: 5)
 ASHA_REDUCTION = 3  # successive halving keeps the top third at each rung (evaluations 1, 3, 9, ...)
 
@@ -100,7 +101,7 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
     search_dir = Path(out) if out else Path(cfg.output.dir.format(name=name))
     store = open_storage(storage, search_dir)
     setup = {"config": {k: v for k, v in base.items() if k != "output"}, "space": space.as_dict()}
-    st = open_study(store, name, direction, _sampler(sampler, seed, len(slots)), _pruner(pruner), slots, setup)
+    st = open_study(store, name, direction, _sampler(sampler, seed), _pruner(pruner), slots, setup)
     search_dir.mkdir(parents=True, exist_ok=True)
     say(f"search {name}: {len(slots)} trials ({sampler}, pruner {pruner}) over {', '.join(space.names())} "
         f"from {space.source}; objective: validation {metric} ({direction}); storage {describe_storage(store)}; "
@@ -145,18 +146,17 @@ def _slots(space: Space, base: dict[str, Any], sampler: Sampler, trials: int | N
     return [{} for _ in range(trials)]
 
 
-def _sampler(kind: Sampler, seed: int | None, n: int) -> optuna.samplers.BaseSampler:
+def _sampler(kind: Sampler, seed: int | None) -> optuna.samplers.BaseSampler:
     if kind != "tpe":  # a grid's trials carry their values; random is random
         return optuna.samplers.RandomSampler(seed=seed)
-    # TPE starts with random trials; optuna's 10 would be the whole of a short search.
     # multivariate + group model parameters jointly and handle conditional ones; constant_liar
     # keeps parallel trials from all sampling the same point.
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, n // 4)), multivariate=True,
-                                          group=True, constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP, multivariate=True, group=True,
+                                          constant_liar=True)
 
 
 def _pruner(kind: Pruner) -> optuna.pruners.BasePruner:
