@@ -45,6 +45,7 @@ def open_storage(url: str | None, search_dir: Path) -> BaseStorage:
     Raises:
         TunesmithError: an unknown form, or a database that does not answer.
     """
+    given = url
     if url is None:
         search_dir.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(search_dir / 'study.db').absolute()}"
@@ -70,7 +71,7 @@ def open_storage(url: str | None, search_dir: Path) -> BaseStorage:
             return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                               heartbeat_stale_trial_callback=retry_dead_trial)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as e:
-        raise TunesmithError(f"--storage {url}: cannot open it: {str(e).splitlines()[0]}") from None
+        raise TunesmithError(f"--storage {given or url}: cannot open it: {str(e).splitlines()[0]}") from None
 
 
 def describe_storage(storage: BaseStorage) -> str:
