@@ -129,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--engine", choices=["tunesmith", "vllm"], default="tunesmith",
                     help="vllm: print the `vllm serve` command for the same folders (and run it where vLLM is installed)")
 
+    se = sub.add_parser("search", help="search hyperparameters: trials of a config over a space (Optuna), with "
+                        "pruning; writes a results table, plots and the best config", epilog=EPILOG)
+    se.add_argument("config", help="the base run config (YAML); --section.key=value overrides apply to it")
+    se.add_argument("--space", help="search space YAML (default: the built-in space for the config's method; "
+                    "docs/SEARCH.md)")
+    se.add_argument("--trials", type=int, help="trials in the study (a grid: its size)")
+    se.add_argument("--parallel", type=int, default=1, help="trials this process runs at once (default 1)")
+    se.add_argument("--storage", help="where the study lives: a SQLite file in the search folder (default), "
+                    "sqlite:///FILE, FILE.log (journal), or postgresql://USER@HOST:PORT/DB for several processes or machines")
+    se.add_argument("--study", help="study name (default: <output.name>-search); the same name continues it")
+    se.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    se.add_argument("--pruner", choices=["median", "asha", "none"], default="median",
+                    help="stop poor trials at their validations (median of earlier trials, or successive halving)")
+    se.add_argument("--budget-steps", type=int, help="start no trial once the study's trials trained this many steps")
+    se.add_argument("--seed", type=int, help="sampler seed (default: random; give each process its own)")
+    se.add_argument("--threads", type=int, help="torch threads per trial (default: the cores divided by --parallel)")
+    se.add_argument("--retrain", action="store_true", help="then train the best config on train+validation and "
+                    "score it on the test split")
+    se.add_argument("--out", help="search folder (default: the config's output.dir with the study's name)")
+
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
     c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
@@ -232,6 +252,8 @@ def run(argv: list[str]) -> int:
         from tunesmith.serve import serve
 
         serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch)
+    elif args.command == "search":
+        return _search(args, rest)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 
@@ -275,6 +297,39 @@ def _train(args, rest: list[str]) -> int:
     except TrainingCancelled as e:
         again = " ".join(["tunesmith train", args.config, *rest, "--resume"])
         print(f"interrupted: {e}\n  continue: {again}", file=sys.stderr)
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0
+
+
+def _search(args, rest: list[str]) -> int:
+    """Ctrl-C or SIGTERM stops the running trials at their next step; they are queued again, and
+    rerunning the same command continues the study."""
+    import signal
+    import threading
+
+    from tunesmith.errors import TrainingCancelled
+    from tunesmith.search import run_search
+
+    cancel = threading.Event()
+
+    def stop(signum, frame) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print(f"\n{signal.Signals(signum).name}: stopping the running trials (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_search(args.config, args.space, trials=args.trials, parallel=args.parallel, storage=args.storage,
+                   study=args.study, sampler=args.sampler, pruner=args.pruner, budget_steps=args.budget_steps,
+                   seed=args.seed, retrain=args.retrain, out=args.out, overrides=rest, threads=args.threads,
+                   cancel=cancel, echo=True)
+    except TrainingCancelled as e:
+        print(f"interrupted: {e}", file=sys.stderr)
         return 130
     finally:
         for s, h in previous.items():

@@ -159,6 +159,10 @@ class DataConfig(_Section):
         None, description="Examples (int) or fraction (float) of the train file to use; default: all that is left."
     )
     val_size: int | float = Field(0.1, ge=0, description="Validation split from train when no validation file.")
+    train_on_validation: bool = Field(
+        False, description="Add the validation split (file or val_size) to the training data, once the settings are "
+        "chosen (tunesmith search --retrain does). The run then has no validation split: no keep-best, no early "
+        "stopping; the test split is the same as without it.")
     test_size: int | float = Field(0.1, ge=0, description="Test split from train when no test file.")
     stratify: bool = Field(True, description="Classification: keep label proportions in every split.")
     seed: int = Field(42, description="Seed for splitting and shuffling data.")
@@ -475,6 +479,9 @@ class RunConfig(_Section):
         if self.method.name == "diff_pruning" and self.train.early_stopping_patience is not None:
             problems.append("train.early_stopping_patience: not supported with diff_pruning (the run must reach the "
                             "step that fixes the mask; evaluations before it are of an unpruned diff)")
+        if self.data.train_on_validation and self.train.early_stopping_patience is not None:
+            problems.append("train.early_stopping_patience: needs a validation split, which data.train_on_validation "
+                            "adds to the training data")
         if self.pref.reward_label is not None and not self.pref.reward_model:
             problems.append("pref.reward_label: only applies with pref.reward_model")
         if self.data.order == "score" and not self.data.score_column:

@@ -131,6 +131,12 @@ def split_with_meta(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None
                 out[name] = taken
     if d.train_size is not None and _smaller(d.train_size, len(pool)):
         pool, _ = take(pool, d.train_size, d.seed + 1, strat(pool), "data.train_size")
+    if d.train_on_validation:  # search's final retrain: the validation examples train too
+        held = out.pop("validation", [])
+        if score is not None and any(id(x) not in score for x in held):
+            raise TunesmithError("data.order: score with data.train_on_validation needs the validation examples "
+                                 "cut from the training file (a separate data.validation file has no score read)")
+        pool = pool + held
     out["train"] = pool
     meta = {name: Meta([tag.get(id(e), 0) for e in exs], [score[id(e)] for e in exs] if score and name == "train"
                        else None) for name, exs in out.items()}
