@@ -97,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--engine", choices=["tunesmith", "vllm"], default="tunesmith",
                     help="vllm: print the `vllm serve` command for the same folders (and run it where vLLM is installed)")
 
+    se = sub.add_parser("service", help="a self-hosted fine-tuning service speaking OpenAI's fine-tuning API (files, "
+                        "jobs, events, checkpoints) that also serves the models it trains")
+    se.add_argument("--data-dir", default="tunesmith-service", help="files, runs and the SQLite database (default "
+                    "./tunesmith-service); shared storage when workers run on other machines")
+    se.add_argument("--db", help="database URL (default: SQLite in the data dir; postgresql://user@host/db for "
+                    "workers on several machines)")
+    se.add_argument("--workers", type=int, default=1, help="embedded workers, each training one job at a time "
+                    "in a child process (default 1; 0: only `tunesmith worker` processes train)")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="a base model jobs may fine-tune, as `model=NAME` (repeatable; PATH: a folder, .gguf or "
+                    "builtin: alias); the first one counts the tokens of uploads")
+    se.add_argument("--max-file-bytes", type=int, help="largest upload (default 512 MB, OpenAI's limit)")
+    se.add_argument("--max-example-tokens", type=int, help="longest example an upload may hold (default: the "
+                    "first --model's context length)")
+    se.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="inference precision of served models")
+
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
     c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
@@ -172,6 +190,13 @@ def run(argv: list[str]) -> int:
         from tunesmith.serve import serve
 
         serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch)
+    elif args.command == "service":
+        from tunesmith.service.app import serve_service
+
+        _no_overrides(rest)
+        serve_service(args.data_dir, args.db, args.workers, args.host, args.port, args.model,
+                      max_file_bytes=args.max_file_bytes, max_example_tokens=args.max_example_tokens,
+                      precision=args.precision)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 
