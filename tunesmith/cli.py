@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-example-tokens", type=int, help="longest example an upload may hold (default: the "
                     "first --model's context length)")
     se.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="inference precision of served models")
+    se.add_argument("--lease-s", type=float, help="embedded workers' job lease: they heartbeat and look for cancel / "
+                    "pause requests every lease/3 seconds (default 60)")
 
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
@@ -196,7 +198,8 @@ def run(argv: list[str]) -> int:
         _no_overrides(rest)
         serve_service(args.data_dir, args.db, args.workers, args.host, args.port, args.model,
                       max_file_bytes=args.max_file_bytes, max_example_tokens=args.max_example_tokens,
-                      precision=args.precision)
+                      precision=args.precision,
+                      worker_options={"lease_s": args.lease_s} if args.lease_s else None)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 

@@ -219,7 +219,7 @@ class ServiceApi:
             if out.is_file():
                 return out
             if fmt == "adapter":
-                src = folder if checkpoint else folder / "adapter"
+                src = folder / "adapter"  # a run folder's, or a checkpoint's (runner.py exports it there)
                 if not (src / "adapter_config.json").is_file():
                     raise ApiError(400, f"job {job['id']} saved no peft adapter (method "
                                    f"{(job['tunesmith'] or {}).get('method', {}).get('name', '?')}); download "
@@ -251,7 +251,7 @@ class ServiceApi:
             for f in ("config.yaml", "run.json"):
                 if (run / f).is_file():
                     shutil.copyfile(run / f, view / f)
-            shutil.copytree(folder, view / "adapter")
+            shutil.copytree(folder / "adapter", view / "adapter")
             try:
                 return merge(view, target, overwrite=True)
             finally:

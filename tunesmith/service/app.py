@@ -86,8 +86,8 @@ class ModelHost:
             rows, more = self.store.list_jobs(project_id, after, 100)
             for job in rows:
                 ckpt = self.store.checkpoint_by_name(job["id"], model_id)
-                if ckpt is not None:
-                    return ckpt["path"], job["run_dir"] or ckpt["path"]
+                if ckpt is not None:  # runner.py exports a checkpoint's peft adapter into it
+                    return f"{ckpt['path']}/adapter", job["run_dir"] or ckpt["path"]
             if not more:
                 return None
             after = rows[-1]["id"]
@@ -104,7 +104,8 @@ class ModelHost:
             run = inside(self.data_dir, run_rel or rel)
             try:
                 if self.registry.gen is None:
-                    await asyncio.to_thread(self.registry.ensure_base, run, self._base_id(run))
+                    await asyncio.to_thread(self.registry.ensure_base, run, self._base_id(run),
+                                            path if path != run else None)
                 served, weights = await asyncio.to_thread(self.registry.read_adapter, name, str(path))
                 await asyncio.wrap_future(self.registry.engine.call(lambda: self.registry.attach_adapter(served,
                                                                                                        weights)))
@@ -270,7 +271,7 @@ def _start_workers(n: int, store: Store, data_dir: Path, stop: threading.Event, 
 
     threads = []
     for i in range(n):
-        t = threading.Thread(target=run_worker, args=(store.url, data_dir, stop), kwargs={"index": i, **options},
+        t = threading.Thread(target=run_worker, args=(store.url, data_dir, stop), kwargs=options,
                              name=f"tunesmith-worker-{i}", daemon=True)
         t.start()
         threads.append(t)
