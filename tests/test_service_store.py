@@ -42,12 +42,27 @@ def test_urls_and_migrations(store, tmp_path):
     assert database_url("postgresql+psycopg://u@h/db", tmp_path) == "postgresql+psycopg://u@h/db"
     store.migrate()  # a second start: nothing to do, nothing broken
     with store.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         names = set(sa.inspect(c).get_table_names())
     assert {"projects", "api_keys", "files", "jobs", "events", "checkpoints"} <= names
     if not store.postgres:
         with store.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_upgrade_from_the_first_schema_keeps_rows(tmp_path):
+    """A database made by an older tunesmith (migration 0001) upgrades in place at the next start."""
+    from tunesmith.service.migrations import upgrade
+
+    old = Store(None, tmp_path)
+    upgrade(old.engine, "0001")
+    with old.engine.begin() as c:
+        c.execute(sa.text("INSERT INTO projects (id, name, created_at) VALUES ('proj_1', 'p', 1)"))
+    old.migrate()
+    assert old.project("proj_1")["name"] == "p"
+    with old.engine.connect() as c:
+        assert "model_deleted_at" in {col["name"] for col in sa.inspect(c).get_columns("jobs")}
+    old.close()
 
 
 def test_concurrent_first_start_migrates_once(tmp_path):
@@ -179,6 +194,11 @@ def test_claim_lease_heartbeat(store):
     assert (row["status"], row["fine_tuned_model"], row["trained_tokens"], row["lease_until"]) == ("succeeded", "ft:x", 12, None)
     assert store.job_for_model(p["id"], "ft:x")["id"] == first["id"]
     assert [j["id"] for j in store.succeeded_jobs()] == [first["id"]]
+    other, _ = store.add_key("b")
+    assert not store.delete_model(other["id"], "ft:x")  # another project's model: no
+    assert store.delete_model(p["id"], "ft:x") and not store.delete_model(p["id"], "ft:x")
+    assert store.succeeded_jobs() == [] and store.job_for_model(p["id"], "ft:x") is None
+    assert store.job(first["id"])["status"] == "succeeded"
 
 
 def test_concurrent_claims_take_each_job_once(store):

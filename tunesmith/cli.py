@@ -117,6 +117,30 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--lease-s", type=float, help="embedded workers' job lease: they heartbeat and look for cancel / "
                     "pause requests every lease/3 seconds (default 60)")
 
+    wk = sub.add_parser("worker", help="train the fine-tuning service's queued jobs (more workers for `tunesmith "
+                        "service`, on this or other machines sharing its PostgreSQL and data dir)")
+    wk.add_argument("--data-dir", default="tunesmith-service", help="the service's data dir (the same folder, at the "
+                    "same path, on every machine: shared storage)")
+    wk.add_argument("--db", help="the service's database URL (postgresql://user@host/db for several machines; "
+                    "default: SQLite in the data dir, workers on this machine only)")
+    wk.add_argument("--workers", type=int, default=1, help="jobs trained at once by this process (default 1)")
+    wk.add_argument("--lease-s", type=float, help="a dead worker's job is resumed elsewhere after this many "
+                    "seconds without a heartbeat (default 60, or $TUNESMITH_WORKER_LEASE_S)")
+    wk.add_argument("--poll-s", type=float, help="how often an idle worker looks for jobs (default 2, or "
+                    "$TUNESMITH_WORKER_POLL_S)")
+
+    ky = sub.add_parser("keys", help="the fine-tuning service's API keys: one project per key name")
+    ksub = ky.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="make a key for project NAME (printed once; only its hash is kept)")
+    ka.add_argument("name")
+    kl = ksub.add_parser("list", help="every key: name, project, prefix, created, revoked")
+    kl.add_argument("--json", action="store_true")
+    kr = ksub.add_parser("revoke", help="revoke a key by its project name or key id")
+    kr.add_argument("name_or_id")
+    for sp in (ka, kl, kr):
+        sp.add_argument("--data-dir", default="tunesmith-service")
+        sp.add_argument("--db", help="database URL (default: SQLite in the data dir)")
+
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
     c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
@@ -200,6 +224,14 @@ def run(argv: list[str]) -> int:
                       max_file_bytes=args.max_file_bytes, max_example_tokens=args.max_example_tokens,
                       precision=args.precision,
                       worker_options={"lease_s": args.lease_s} if args.lease_s else None)
+    elif args.command == "worker":
+        from tunesmith.service.worker import serve_forever
+
+        _no_overrides(rest)
+        serve_forever(args.db, Path(args.data_dir), args.workers, lease_s=args.lease_s, poll_s=args.poll_s)
+    elif args.command == "keys":
+        _no_overrides(rest)
+        return _keys(args)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 
@@ -212,6 +244,31 @@ def run(argv: list[str]) -> int:
             import yaml
 
             print(yaml.safe_dump(load_config(args.config, rest).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def _keys(args) -> int:
+    import time
+
+    from tunesmith.service.store import Store
+
+    store = Store(args.db, Path(args.data_dir))
+    store.migrate()
+    try:
+        if args.keys_command == "add":
+            project, key = store.add_key(args.name)
+            print(f"{key}\n(project {project['name']} = {project['id']}; shown once: keep it, only its hash is stored)")
+        elif args.keys_command == "list":
+            keys = store.list_keys()
+            day = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+            lines = [f"{k['id']}\t{k['name']}\t{k['project_id']}\t{k['prefix']}...\t{day(k['created_at'])}\t"
+                     + (f"revoked {day(k['revoked_at'])}" if k["revoked_at"] else "active") for k in keys]
+            print(json.dumps(keys, indent=2) if args.json else "\n".join(lines) or "no keys yet: tunesmith keys add NAME")
+        else:
+            for k in store.revoke_key(args.name_or_id):
+                print(f"revoked {k['id']} ({k['name']}, {k['prefix']}...)")
+    finally:
+        store.close()
     return 0
 
 

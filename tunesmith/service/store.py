@@ -87,6 +87,7 @@ jobs = sa.Table(
     sa.Column("requested", sa.String(16), nullable=True),  # cancel | pause, acted on by the worker
     sa.Column("total_steps", sa.Integer, nullable=True),
     sa.Column("webhook", sa.JSON, nullable=True),  # {url, secret}: optional, per job
+    sa.Column("model_deleted_at", sa.Integer, nullable=True),  # DELETE /v1/models/{ft:...} (migration 0002)
 )
 
 events = sa.Table(
@@ -233,6 +234,10 @@ class Store:
                                                created_at=now()))
         return project, key
 
+    def project(self, id: str) -> dict | None:
+        with self.engine.connect() as c:
+            return _row(c.execute(sa.select(projects).where(projects.c.id == id)).first())
+
     def project_for_key(self, key: str) -> dict | None:
         """The project an active key belongs to, or None (unknown or revoked key)."""
         q = (sa.select(projects).join(api_keys, api_keys.c.project_id == projects.c.id)
@@ -334,16 +339,27 @@ class Store:
         return out[:limit], len(out) > limit
 
     def job_for_model(self, project_id: str, fine_tuned_model: str) -> dict | None:
-        """The project's job that produced `fine_tuned_model` (an ft: name), or None."""
+        """The project's job that produced `fine_tuned_model` (an ft: name, not deleted), or None."""
         with self.engine.connect() as c:
             return _row(c.execute(sa.select(jobs).where(jobs.c.project_id == project_id,
-                                                        jobs.c.fine_tuned_model == fine_tuned_model)).first())
+                                                        jobs.c.fine_tuned_model == fine_tuned_model,
+                                                        jobs.c.model_deleted_at.is_(None))).first())
 
     def succeeded_jobs(self) -> list[dict]:
-        """Every project's succeeded jobs (the models the inference side serves), oldest first."""
+        """Every project's succeeded jobs whose model is not deleted (what the inference side serves),
+        oldest first."""
         with self.engine.connect() as c:
-            q = sa.select(jobs).where(jobs.c.status == "succeeded").order_by(jobs.c.finished_at, jobs.c.id)
+            q = (sa.select(jobs).where(jobs.c.status == "succeeded", jobs.c.model_deleted_at.is_(None))
+                 .order_by(jobs.c.finished_at, jobs.c.id))
             return [dict(r._mapping) for r in c.execute(q)]
+
+    def delete_model(self, project_id: str, fine_tuned_model: str) -> bool:
+        """Mark the project's ft: model deleted (the job and its files stay). False when there is no
+        such model, or it is already deleted."""
+        with self._tx() as c:
+            r = c.execute(jobs.update().where(jobs.c.project_id == project_id, jobs.c.fine_tuned_model == fine_tuned_model,
+                                              jobs.c.model_deleted_at.is_(None)).values(model_deleted_at=now()))
+            return r.rowcount == 1
 
     def request(self, project_id: str, id: str, what: str) -> dict:
         """cancel / pause / resume a job. Jobs that no worker runs change at once (queued ->
