@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from starlette.requests import ClientDisconnect
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.app import ApiError
@@ -97,7 +98,10 @@ class ServiceApi:
 
     # ---- files ------------------------------------------------------------------------------------
     async def upload_file(self, request: Request):
-        return await self.files.upload(request, self.project(request))
+        try:
+            return await self.files.upload(request, self.project(request))
+        except ClientDisconnect:  # the client went away mid-upload: nothing was kept, nobody to answer
+            return Response(status_code=499)
 
     async def list_files(self, request: Request):
         limit = _int(request, "limit", 10000, 1, 10000)

@@ -202,11 +202,14 @@ class Files:
 
     def validate(self, path: Path) -> tuple[str, str | None, dict]:
         """(status, status_details, info) for an uploaded file; see the module docstring."""
-        kind = detect_kind(first_object(path)) if path.suffix in (".jsonl", ".ndjson") else None
+        first = first_object(path) if path.suffix in (".jsonl", ".ndjson") else None
+        kind = detect_kind(first)
         if kind is not None:
+            from tunesmith.tasks import task_for_format
+
             tok = self.counter.tokenizer() if self.counter else None
             rep = validate_file(path, kind, tok, self.counter.max_tokens if self.counter else None)
-            info = rep.as_dict() | {"task": "dpo" if kind == "dpo" else "sft"}
+            info = rep.as_dict() | {"task": task_for_format(first, DataConfig())}  # sft for chat, dpo for DPO
         else:
             rep, info = _validate_tunesmith(path)
         if not rep.ok:
