@@ -168,8 +168,14 @@ class JobRun:
 
         base = resolve_model_path(cfg.model.name_or_path)
         tok = load_tokenizer(base, cfg.model.trust_remote_code)
-        model = load_model(base, cfg.task, None, cfg.model.trust_remote_code, tok.pad_token_id)
-        model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base)
+        # Building the adapter draws its init from the global RNGs that training's dropout and
+        # shuffling use: put them back, or a run that exports would not match one resumed past it.
+        rng = ckpt.rng_state()
+        try:
+            model = load_model(base, cfg.task, None, cfg.model.trust_remote_code, tok.pad_token_id)
+            model = apply_method(model, cfg.method, cfg.task, tokenizer_path=base)
+        finally:
+            ckpt.set_rng_state(rng)
         ckpt.load_weights(step_dir, model)
         with atomic_folder(step_dir / "adapter") as tmp:
             model.save_pretrained(tmp)
