@@ -199,7 +199,7 @@ def main() -> None:
         for name, errs in errors.items():
             print(f"  first {name} error: {errs[0]}")
         for s in syncs:
-            for j in s.fine_tuning.jobs.list(limit=100, metadata={"bench": "load"}).auto_paging_iter():
+            for j in s.fine_tuning.jobs.list(limit=100, metadata={"bench": "load"}):
                 if j.status == "queued":
                     s.fine_tuning.jobs.cancel(j.id)
         syncs[0].fine_tuning.jobs.cancel(train.id)
