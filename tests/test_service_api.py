@@ -185,9 +185,10 @@ def test_supervised_job_pause_resume_events_checkpoints_and_chat(svc, sft_file, 
     c = client(svc)
     job = c.fine_tuning.jobs.create(model="tiny", training_file=sft_file.id, suffix="qa", seed=7,
                                     metadata={"team": "a"}, method={"type": "supervised", "supervised": {
-                                        "hyperparameters": {"n_epochs": 30, "batch_size": 8}}},
-                                    extra_body={"tunesmith": TINY_TRAIN})
-    assert job.status in ("validating_files", "queued") and job.hyperparameters.n_epochs == 30
+                                        "hyperparameters": {"n_epochs": 8, "batch_size": 4}}},
+                                    extra_body={"tunesmith": {**TINY_TRAIN, "train": {**TINY_TRAIN["train"],
+                                                                                      "log_every": 4}}})
+    assert job.status in ("validating_files", "queued") and job.hyperparameters.n_epochs == 8
     assert job.method.supervised.hyperparameters.learning_rate_multiplier == pytest.approx(20.0)  # 1e-2 / 5e-4
     deadline = time.time() + 300
     while not c.fine_tuning.jobs.checkpoints.list(job.id).data:  # let it train a little first
