@@ -261,3 +261,19 @@ def test_concurrent_events_get_distinct_seqs(store):
     [t.join() for t in threads]
     rows, _ = store.list_events(j["id"], limit=100)
     assert sorted(r["seq"] for r in rows) == list(range(1, 41))
+
+
+def test_keys_cli(tmp_path, capsys):
+    from tunesmith.cli import run
+
+    args = ["--data-dir", str(tmp_path)]
+    assert run(["keys", "add", "team-a", *args]) == 0
+    key = capsys.readouterr().out.split()[0]
+    store = Store(None, tmp_path)
+    assert store.project_for_key(key)["name"] == "team-a"
+    assert run(["keys", "list", *args]) == 0
+    listed = capsys.readouterr().out
+    assert "team-a" in listed and "active" in listed and key not in listed
+    assert run(["keys", "revoke", "team-a", *args]) == 0
+    assert store.project_for_key(key) is None
+    store.close()

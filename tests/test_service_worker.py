@@ -4,8 +4,8 @@ model in child processes: events, checkpoints, results, cancel, pause/resume, a 
 from __future__ import annotations
 
 import csv
+import http.server
 import io
-import json
 import os
 import signal
 import threading
@@ -15,6 +15,7 @@ import pytest
 from tests.service_jobs import add_file, chat_rows, data_dir_with_model, dpo_rows, wait_for
 from tunesmith.service import jobs
 from tunesmith.service.store import Store, StoreError
+from tunesmith.service.webhooks import new_secret
 from tunesmith.service.worker import Worker
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -157,20 +158,39 @@ def _metrics_events(store, job_id):
     return [r for r in reversed(rows) if r["type"] == "metrics"]
 
 
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    got: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.got.append((body, dict(self.headers)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 def test_a_job_runs_to_success_with_events_checkpoints_and_results(service):
     store, pid, data_dir = service
     train = add_file(store, pid, data_dir, chat_rows(20))
     val = add_file(store, pid, data_dir, chat_rows(10))
+    receiver = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = {"url": f"http://127.0.0.1:{receiver.server_port}/hook", "secret": new_secret()}
     job = jobs.create_job(store, pid, _body(train["id"], validation_file=val["id"], suffix="id", seed=3,
                                             hyperparameters={"n_epochs": 3, "batch_size": 2},
-                                            tunesmith={"method": {"name": "lora", "r": 4}, "train": {"lr": 5e-3, "log_every": 2}}),
+                                            tunesmith={"method": {"name": "lora", "r": 4}, "webhook": hook,
+                                                       "train": {"lr": 5e-3, "log_every": 2}}),
                           data_dir)
     worker, stop, thread = _start_worker(store, data_dir)
     try:
         done = wait_for(lambda: (j := store.job(job["id"]))["status"] in ("succeeded", "failed") and j, 240, "the job")
+        wait_for(lambda: _Receiver.got, 30, "the webhook")
     finally:
         stop.set()
         thread.join(60)
+        receiver.shutdown()
     log = (data_dir / "logs" / f"{job['id']}.log").read_text()
     assert done["status"] == "succeeded", (done["error"], log[-3000:])
     assert done["fine_tuned_model"] == f"ft:tiny:alice:id:{job['id'][-8:]}"
@@ -202,8 +222,19 @@ def test_a_job_runs_to_success_with_events_checkpoints_and_results(service):
     assert rfile["purpose"] == "fine-tune-results" and [int(r["step"]) for r in rows] == list(range(2, 31, 2))
     assert float(rows[-1]["full_valid_loss"]) == pytest.approx(valid[-1]["full_valid_loss"])
     messages = [e["message"] for e in reversed(store.list_events(job["id"], limit=10_000)[0]) if e["type"] == "message"]
-    assert messages[0] == "Fine-tuning job started" and messages[-1] == "The job has successfully completed"
+    assert messages[:2] == [f"Created fine-tuning job: {job['id']}", "Fine-tuning job started"]
+    assert "The job has successfully completed" in messages
     assert len(messages) == len(set(messages))
+
+    # the webhook, verified and parsed by the openai SDK as an OpenAI webhook would be
+    from openai import InvalidWebhookSignatureError, OpenAI
+
+    [(body, headers)] = _Receiver.got
+    event = OpenAI(api_key="unused", base_url="http://127.0.0.1:9").webhooks.unwrap(body, headers, secret=hook["secret"])
+    assert (event.type, event.data.id) == ("fine_tuning.job.succeeded", job["id"])
+    with pytest.raises(InvalidWebhookSignatureError):
+        OpenAI(api_key="unused", base_url="http://127.0.0.1:9").webhooks.unwrap(body.replace(b"succeeded", b"failed"),
+                                                                                headers, secret=hook["secret"])
 
 
 @pytest.mark.slow  # five training processes: a few minutes on the 2-core CPU (the API tests pause and cancel too)
@@ -242,9 +273,13 @@ def test_pause_resume_cancel_and_a_crashed_training(service):
         failed = wait_for(lambda: (j := store.job(c["id"]))["status"] == "failed" and j, 60, "the failure")
         assert failed["error"]["code"] == "training_crashed" and "-9" in failed["error"]["message"]
         assert thread.is_alive()  # the worker goes on
-        d = jobs.create_job(store, pid, _body(f["id"], hyperparameters={"n_epochs": 1}, tunesmith={"train": {"max_steps": 2}}),
-                            data_dir)
-        wait_for(lambda: store.job(d["id"])["status"] == "succeeded", 240, "the next job")
+        # the next job starts from job a's model (an adapter: merged once into a whole model)
+        d = jobs.create_job(store, pid, _body(f["id"], model=done["fine_tuned_model"], hyperparameters={"n_epochs": 1},
+                                              tunesmith={"train": {"max_steps": 2}}), data_dir)
+        after = wait_for(lambda: (j := store.job(d["id"]))["status"] in ("succeeded", "failed") and j, 240, "job d")
+        assert after["status"] == "succeeded", after["error"]
+        assert (data_dir / done["run_dir"] / "merged" / "config.json").is_file()
+        assert after["fine_tuned_model"].startswith("ft:tiny:alice::")
     finally:
         stop.set()
         thread.join(60)

@@ -225,12 +225,18 @@ def run(argv: list[str]) -> int:
                       precision=args.precision,
                       worker_options={"lease_s": args.lease_s} if args.lease_s else None)
     elif args.command == "worker":
-        from tunesmith.service.worker import serve_forever
+        from tunesmith.service import require_store_deps
 
         _no_overrides(rest)
+        require_store_deps()
+        from tunesmith.service.worker import serve_forever
+
         serve_forever(args.db, Path(args.data_dir), args.workers, lease_s=args.lease_s, poll_s=args.poll_s)
     elif args.command == "keys":
+        from tunesmith.service import require_store_deps
+
         _no_overrides(rest)
+        require_store_deps()
         return _keys(args)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config

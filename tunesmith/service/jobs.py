@@ -94,7 +94,9 @@ def create_job(store: Store, project_id: str, body: dict[str, Any], data_dir: Pa
         StoreError with the OpenAI `param` of the first problem (tunesmith.<field> for config ones).
     """
     cols = build_job(store, project_id, body, data_dir, models or {})
-    return store.add_job(project_id, **cols)
+    job = store.add_job(project_id, **cols)
+    store.add_event(job["id"], "info", f"Created fine-tuning job: {job['id']}")
+    return job
 
 
 def build_job(store: Store, project_id: str, body: dict[str, Any], data_dir: Path,

@@ -145,7 +145,11 @@ class JobRun:
         history = _read_metrics(self.run_dir / "metrics.jsonl")
         for step, path in sorted(on_disk.items()):
             if step not in rows:
-                self._export_adapter(path)
+                try:
+                    self._export_adapter(path)
+                except Exception as e:  # noqa: BLE001 - a serving copy failed; the training checkpoint is whole
+                    self.message(f"warning: checkpoint step {step} was not exported as a peft adapter "
+                                 f"({type(e).__name__}: {e}); its training checkpoint is kept", "warn")
                 self.store.add_checkpoint(self.id, step, checkpoint_metrics(history, step),
                                           str(path.relative_to(self.data_dir)), jobmod.checkpoint_name(self.model_name, step))
                 self.message(f"Checkpoint created at step {step}")
@@ -252,7 +256,8 @@ class JobRun:
             self.store.finish(self.id, self.worker_id, "paused")
         else:  # the worker is shutting down: back to the queue, resumed by the next worker
             self.message(f"Worker {self.worker_id} stopped at step {self.step}; the job goes back to the queue")
-            self.store.finish(self.id, self.worker_id, "queued")
+            # a hand-over, not a lost worker: it does not count towards the worker's MAX_ATTEMPTS
+            self.store.finish(self.id, self.worker_id, "queued", attempts=max(self.job["attempts"] - 1, 0))
 
     def fail(self, code: str, message: str, param: str | None = None) -> None:
         self.store.add_event(self.id, "error", message, step=self.step)

@@ -32,6 +32,7 @@ LEASE_S = float(os.environ.get("TUNESMITH_WORKER_LEASE_S", 60))
 POLL_S = float(os.environ.get("TUNESMITH_WORKER_POLL_S", 2))
 MAX_ATTEMPTS = 5  # a job whose workers keep dying (e.g. it takes the machine down) fails after this many
 STOP_GRACE_S = 120.0  # how long a stopping worker waits for its training to checkpoint
+REQUEST_POLL_S = 2.0  # how soon a running job sees a cancel / pause request
 
 
 def new_worker_id() -> str:
@@ -91,7 +92,11 @@ class Worker:
             self.log(f"lost the lease of {jid}; stopped its training")
             return "lost"
         row = self.store.job(jid) or {}
-        if row.get("status") == "running" and row.get("worker_id") == self.id:  # the child died mid-job
+        if row.get("status") == "running" and row.get("worker_id") == self.id and rc == -signal.SIGTERM:
+            # our SIGTERM came before the training process could catch it (it was still starting)
+            status = {"cancel": "cancelled", "pause": "paused"}.get(row.get("requested"), "queued")
+            self.store.finish(jid, self.id, status, **({"attempts": job["attempts"] - 1} if status == "queued" else {}))
+        elif row.get("status") == "running" and row.get("worker_id") == self.id:  # the child died mid-job
             tail = _tail(self._log_path(jid))
             msg = f"the training process exited with code {rc}" + (f": {tail}" if tail else "")
             self.store.add_event(jid, "error", msg)
@@ -114,28 +119,33 @@ class Worker:
             self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           stdin=subprocess.DEVNULL)
         signalled_at: float | None = None
-        beat = self.lease_s / 3
+        beat, look = self.lease_s / 3, min(self.lease_s / 3, REQUEST_POLL_S)
+        next_beat = next_look = time.time()
         try:
             while True:
                 try:
-                    return self.child.wait(timeout=beat), False
+                    return self.child.wait(timeout=0.5), False
                 except subprocess.TimeoutExpired:
                     pass
-                if not self.store.heartbeat(jid, self.id, self.lease_s):
-                    row = self.store.job(jid) or {}
-                    if row.get("status") != "running":  # the child ended the job and is exiting
-                        try:
-                            return self.child.wait(timeout=STOP_GRACE_S), False
-                        except subprocess.TimeoutExpired:
-                            return None, False  # (killed below)
-                    self.child.kill()  # another worker holds the job now: ours must not write to it
-                    self.child.wait()
-                    return None, True
-                requested = (self.store.job(jid) or {}).get("requested")
-                if signalled_at is None and (requested in ("cancel", "pause") or stop.is_set()):
-                    self.child.send_signal(signal.SIGTERM)  # train() checkpoints at the next step
-                    signalled_at = time.time()
-                elif signalled_at is not None and time.time() - signalled_at > STOP_GRACE_S:
+                now = time.time()
+                if now >= next_beat:
+                    next_beat = now + beat
+                    if not self.store.heartbeat(jid, self.id, self.lease_s):
+                        row = self.store.job(jid) or {}
+                        if row.get("status") != "running":  # the child ended the job and is exiting
+                            try:
+                                return self.child.wait(timeout=STOP_GRACE_S), False
+                            except subprocess.TimeoutExpired:
+                                return None, False  # (killed below)
+                        self.child.kill()  # another worker holds the job now: ours must not write to it
+                        self.child.wait()
+                        return None, True
+                if signalled_at is None and (stop.is_set() or now >= next_look):
+                    next_look = now + look
+                    if stop.is_set() or (self.store.job(jid) or {}).get("requested") in ("cancel", "pause"):
+                        self.child.send_signal(signal.SIGTERM)  # train() checkpoints at the next step
+                        signalled_at = now
+                elif signalled_at is not None and now - signalled_at > STOP_GRACE_S:
                     self.child.kill()  # stuck: its lease ends with this worker, the next one resumes
         finally:
             if self.child.poll() is None:
