@@ -1,6 +1,6 @@
 """`tunesmith service` under load: 20 concurrent API clients while a training job runs.
 
-Run: .venv/bin/python bench/service_load.py [--db sqlite|postgresql] [--duration 180] [--clients 20]
+Run: .venv/bin/python bench/service_load.py [--db sqlite|postgresql] [--duration 180] [--clients 20] [--think-s 0]
      (--db postgresql makes a throwaway database on $TUNESMITH_PG, default
       postgresql://postgres@127.0.0.1:5432, and drops it after)
 
@@ -73,7 +73,8 @@ def start_service(data: Path, db: str | None, base: Path, log: Path) -> tuple[su
     port = free_port()
     cmd = [sys.executable, "-m", "tunesmith.cli", "service", "--data-dir", str(data), "--workers", "1",
            "--model", f"tiny={base}", "--port", str(port), "--lease-s", "15"] + (["--db", db] if db else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -91,7 +92,7 @@ def start_service(data: Path, db: str | None, base: Path, log: Path) -> tuple[su
 
 
 async def client_loop(c, stop_at: float, train_job: str | None, file_id: str, lat: dict, errors: dict, rng: random.Random,
-                      created: list) -> None:
+                      created: list, think_s: float) -> None:
     mine: list[str] = []
     data = chat_file()
     while time.time() < stop_at:
@@ -117,10 +118,12 @@ async def client_loop(c, stop_at: float, train_job: str | None, file_id: str, la
                 lat[name].append(time.perf_counter() - t0)
             except Exception as e:  # counted, and the first of each kind is shown
                 errors[name].append(f"{type(e).__name__}: {str(e)[:200]}")
+            if think_s:  # a client that polls rather than hammers: a random pause around think_s
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * think_s)
 
 
 async def run_load(url: str, keys: list[str], train_job: tuple[int, str], files: list[str], clients: int,
-                   duration: float) -> tuple[dict, dict, list]:
+                   duration: float, think_s: float) -> tuple[dict, dict, list]:
     import openai
 
     cs = [openai.AsyncOpenAI(base_url=url + "/v1", api_key=k, max_retries=0, timeout=60) for k in keys]
@@ -131,7 +134,7 @@ async def run_load(url: str, keys: list[str], train_job: tuple[int, str], files:
     owner, job_id = train_job
     # the training job belongs to key 0: the other project's clients poll their own jobs' events
     await asyncio.gather(*[client_loop(cs[i % len(cs)], stop_at, job_id if i % len(cs) == owner else None,
-                                       files[i % len(cs)], lat, errors, random.Random(i), created)
+                                       files[i % len(cs)], lat, errors, random.Random(i), created, think_s)
                            for i in range(clients)])
     return lat, errors, created
 
@@ -157,6 +160,8 @@ def main() -> None:
     ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     ap.add_argument("--duration", type=float, default=180, help="seconds of load (default 180)")
     ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--think-s", type=float, default=0.0, help="each client pauses about this long between calls "
+                    "(default 0: back to back, the service's saturation)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -189,10 +194,14 @@ def main() -> None:
         while not any(e.type == "metrics" for e in syncs[0].fine_tuning.jobs.list_events(train.id, limit=50).data):
             time.sleep(0.5)  # training steps under way (the child's start-up is done)
         print(f"training job {train.id} running; {args.clients} clients for {args.duration:.0f} s", flush=True)
-        lat, errors, created = asyncio.run(run_load(url, keys, (0, train.id), files, args.clients, args.duration))
+        lat, errors, created = asyncio.run(run_load(url, keys, (0, train.id), files, args.clients, args.duration,
+                                                    args.think_s))
         status = syncs[0].fine_tuning.jobs.retrieve(train.id)
         steps = [e.data["step"] for e in syncs[0].fine_tuning.jobs.list_events(train.id, limit=5).data
                  if e.type == "metrics"]
+        cores = len(os.sched_getaffinity(0))
+        print(f"{args.clients} clients, think {args.think_s} s, {args.db}; {cores} cores usable, load average "
+              f"{os.getloadavg()[0]:.1f} at the end")
         print(table(lat, errors, args.duration))
         print(f"training job during the load: {status.status}, last logged step {max(steps) if steps else '?'}"
               f"/{status.tunesmith.get('total_steps') if status.tunesmith else '?'}")
@@ -208,6 +217,8 @@ def main() -> None:
                          "p50_ms": 1e3 * statistics.median(v), "p95_ms": 1e3 * sorted(v)[int(0.95 * len(v))],
                          "max_ms": 1e3 * max(v)} for n, v in lat.items() if v}
             Path(args.out).write_text(json.dumps({"db": args.db, "clients": args.clients, "duration_s": args.duration,
+                                                  "think_s": args.think_s, "cores": cores,
+                                                  "loadavg_end": os.getloadavg()[0],
                                                   "endpoints": stats, "training_status": status.status}, indent=2))
     finally:
         if proc is not None:

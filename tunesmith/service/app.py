@@ -81,6 +81,10 @@ class ModelHost:
         if CKPT not in model_id:
             job = self.store.job_for_model(project_id, model_id)
             return (job["run_dir"], job["run_dir"]) if job and job["status"] == "succeeded" and job["run_dir"] else None
+        job = self.store.job_for_model(project_id, model_id.split(CKPT)[0])  # a finished job's checkpoint
+        ckpt = self.store.checkpoint_by_name(job["id"], model_id) if job else None
+        if ckpt is not None:
+            return f"{ckpt['path']}/adapter", job["run_dir"] or ckpt["path"]
         after = None
         while True:  # the project's jobs, newest first; a checkpoint's name names its job's model
             rows, more = self.store.list_jobs(project_id, after, 100)
@@ -315,7 +319,9 @@ def _token_counter(models: dict[str, str], max_tokens: int | None):
         return load_tokenizer(resolve_model_path(path))
 
     limit = max_tokens if max_tokens is not None else _context_length(path)
-    return TokenCounter(load, limit)
+    counter = TokenCounter(load, limit)
+    counter.tokenizer()  # at start: a bad --model is an error now, not a failed upload later
+    return counter
 
 
 def _context_length(path: str) -> int | None:

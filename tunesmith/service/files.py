@@ -196,7 +196,12 @@ class Files:
             if final is not None and row is None:  # renamed, but the row could not be written
                 final.unlink(missing_ok=True)
             raise
-        status, details, info = await asyncio.to_thread(self.validate, final)
+        try:
+            status, details, info = await asyncio.to_thread(self.validate, final)
+        except BaseException:  # a validator bug: no file object is left half made
+            self.store.delete_file(project_id, row["id"])
+            final.unlink(missing_ok=True)
+            raise
         row = self.store.update_file(row["id"], status=status, status_details=details, info=info) or row
         return file_object(row)
 
