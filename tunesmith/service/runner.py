@@ -75,6 +75,7 @@ class JobRun:
         self.seen_messages: set[str] = set()
         self.started = time.time()
         self.first_step: int | None = None
+        self.checked = 0.0
         project = store.project(job["project_id"])
         self.model_name = jobmod.fine_tuned_name(job, project["name"] if project else job["project_id"])
         self.cfg = None
@@ -83,6 +84,7 @@ class JobRun:
     # ---- train() events -> rows -----------------------------------------------------------------
 
     def on_event(self, e: dict[str, Any]) -> None:
+        self._still_ours()
         kind = e.get("kind")
         if kind == "message":
             self.message(e["text"], "warn" if e["text"].lstrip().startswith("warning") else "info")
@@ -103,6 +105,18 @@ class JobRun:
                                      data, step=self.step)
         elif kind == "checkpoint":
             self.sync_checkpoints()
+
+    def _still_ours(self, every_s: float = 2.0) -> None:
+        """Stop writing at once if another worker holds the job (ours lost its lease without dying,
+        e.g. cut off from the database for longer than the lease): two trainings of one job must
+        never write the same run folder for more than a moment."""
+        if time.time() - self.checked < every_s:
+            return
+        self.checked = time.time()
+        job = self.store.job(self.id) or {}
+        if job.get("worker_id") != self.worker_id or job.get("status") != "running":
+            print(f"job {self.id} is no longer held by {self.worker_id}; stopping", file=sys.stderr, flush=True)
+            os._exit(75)
 
     def message(self, text: str, level: str = "info") -> None:
         if text in self.seen_messages:  # a resumed attempt repeating its setup messages

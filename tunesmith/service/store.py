@@ -82,7 +82,7 @@ jobs = sa.Table(
     sa.Column("estimated_finish", sa.Integer, nullable=True),
     sa.Column("run_dir", sa.String(1000), nullable=True),  # relative to the data dir
     sa.Column("worker_id", sa.String(200), nullable=True),
-    sa.Column("lease_until", sa.Float, nullable=True),  # unix seconds; the worker's clock
+    sa.Column("lease_until", sa.Float, nullable=True),  # unix seconds, on the database's clock
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("requested", sa.String(16), nullable=True),  # cancel | pause, acted on by the worker
     sa.Column("total_steps", sa.Integer, nullable=True),
@@ -393,16 +393,24 @@ class Store:
 
     # ---- the worker side -------------------------------------------------------------------------
 
+    def _clock(self):
+        """The database's clock in unix seconds, as SQL: leases are set and compared on one clock,
+        so workers on machines whose clocks disagree still see each other's leases right."""
+        if self.postgres:
+            return sa.func.extract("epoch", sa.func.clock_timestamp())
+        return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
     def claim(self, worker_id: str, lease_s: float) -> dict | None:
         """Atomically take the oldest queued job, or a running one whose worker's lease ran out
         (that worker died: resume it). Sets worker_id, the lease, status running, attempts + 1.
         Returns the claimed job, or None when there is nothing to do."""
         t = time.time()
-        claimable = sa.or_(jobs.c.status == "queued", (jobs.c.status == "running") & (jobs.c.lease_until < t))
+        clock = self._clock()
+        claimable = sa.or_(jobs.c.status == "queued", (jobs.c.status == "running") & (jobs.c.lease_until < clock))
         pick = (sa.select(jobs.c.id).where(claimable).order_by(jobs.c.created_at, jobs.c.id).limit(1)
                 .with_for_update(skip_locked=True))  # PostgreSQL only; SQLite's compiler leaves it out
         stmt = (jobs.update().where(jobs.c.id == pick.scalar_subquery(), claimable)
-                .values(status="running", worker_id=worker_id, lease_until=t + lease_s, attempts=jobs.c.attempts + 1,
+                .values(status="running", worker_id=worker_id, lease_until=clock + lease_s, attempts=jobs.c.attempts + 1,
                         started_at=sa.func.coalesce(jobs.c.started_at, int(t)))
                 .returning(jobs))
         with self._tx() as c:
@@ -414,7 +422,7 @@ class Store:
         with self._tx() as c:
             r = c.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker_id == worker_id,
                                               jobs.c.status == "running")
-                          .values(lease_until=time.time() + lease_s))
+                          .values(lease_until=self._clock() + lease_s))
             return r.rowcount == 1
 
     def update_job(self, job_id: str, worker_id: str | None = None, **cols: Any) -> bool:
