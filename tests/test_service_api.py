@@ -128,8 +128,10 @@ def test_upload_validates_and_serves_files_back(svc, sft_file, tmp_path):
         c.files.create(file=(tmp_path / "bad.jsonl").open("rb"), purpose="assistants")
     assert e.value.body["param"] == "purpose"
 
-    ids = [f.id for f in c.files.list().data]
-    assert sft_file.id in ids and bad.id in ids and ids.index(bad.id) < ids.index(sft_file.id)  # newest first
+    listed = c.files.list().data
+    ids = [f.id for f in listed]
+    assert sft_file.id in ids and bad.id in ids
+    assert [f.created_at for f in listed] == sorted((f.created_at for f in listed), reverse=True)  # newest first
     page = c.files.list(limit=2, order="asc")
     assert page.has_more and [f.id for f in page.data] == ids[::-1][:2]
     assert c.files.delete(few.id).deleted

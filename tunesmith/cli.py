@@ -114,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-example-tokens", type=int, help="longest example an upload may hold (default: the "
                     "first --model's context length)")
     se.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="inference precision of served models")
-    se.add_argument("--lease-s", type=float, help="embedded workers' job lease: they heartbeat and look for cancel / "
-                    "pause requests every lease/3 seconds (default 60)")
+    se.add_argument("--lease-s", type=float, help="embedded workers' job lease: they heartbeat every lease/3 seconds; "
+                    "a dead worker's job is resumed after it (default 60)")
 
     wk = sub.add_parser("worker", help="train the fine-tuning service's queued jobs (more workers for `tunesmith "
                         "service`, on this or other machines sharing its PostgreSQL and data dir)")
