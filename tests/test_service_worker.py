@@ -15,6 +15,7 @@ import pytest
 from tests.service_jobs import add_file, chat_rows, data_dir_with_model, dpo_rows, wait_for
 from tunesmith.service import jobs
 from tunesmith.service.store import Store, StoreError
+from tunesmith.service.store import jobs as job_table
 from tunesmith.service.webhooks import new_secret
 from tunesmith.service.worker import Worker
 
@@ -280,6 +281,17 @@ def test_pause_resume_cancel_and_a_crashed_training(service):
         assert after["status"] == "succeeded", after["error"]
         assert (data_dir / done["run_dir"] / "merged" / "config.json").is_file()
         assert after["fine_tuned_model"].startswith("ft:tiny:alice::")
+
+        # a worker that lost its lease without dying: its training stops writing; the job is resumed
+        e = jobs.create_job(store, pid, _body(f["id"], **slow), data_dir)
+        wait_for(lambda: _metrics_events(store, e["id"]), 240, "job e to train")
+        child = worker.child.pid
+        with store.engine.begin() as conn:  # as if another worker had claimed it
+            conn.execute(job_table.update().where(job_table.c.id == e["id"]).values(worker_id="someone-else"))
+        wait_for(lambda: worker.child is None or worker.child.pid != child, 60, "the training to stop")
+        resumed = wait_for(lambda: (j := store.job(e["id"]))["status"] in ("succeeded", "failed") and j, 300, "job e")
+        assert resumed["status"] == "succeeded" and resumed["attempts"] == 2
+        assert [m["data"]["step"] for m in _metrics_events(store, e["id"])] == list(range(2, 81, 2))
     finally:
         stop.set()
         thread.join(60)
