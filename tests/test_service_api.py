@@ -230,9 +230,12 @@ def test_supervised_job_pause_resume_events_checkpoints_and_chat(svc, sft_file, 
     got = [c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": q}],
                                      temperature=0).choices[0].message.content.strip() for q, _ in QA]
     assert got == want
-    base = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QA[0][0]}], temperature=0,
-                                     max_tokens=6).choices[0].message.content.strip()
-    assert base != got[0]  # the adapter is applied
+    def first_logprob(model: str) -> float:
+        r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": QA[0][0]}], temperature=0,
+                                      max_tokens=1, logprobs=True)
+        return r.choices[0].logprobs.content[0].logprob
+
+    assert first_logprob("tiny") != pytest.approx(first_logprob(done.fine_tuned_model), abs=1e-3)  # adapter applied
     ckpt_model = ckpts[-1].fine_tuned_model_checkpoint  # an earlier checkpoint, loaded on first use
     assert c.chat.completions.create(model=ckpt_model, messages=[{"role": "user", "content": "hi"}],
                                      max_tokens=3).model == ckpt_model
