@@ -392,7 +392,8 @@ def test_smollm2_learns_its_identity_through_the_service(tmp_path):
         val = upload(c, _as_chat(IDENTITY / "test.jsonl", tmp_path / "test.jsonl"))
         assert f.status == "processed" and val.status == "processed", (f.status_details, val.status_details)
         job = c.fine_tuning.jobs.create(
-            model="smollm2", training_file=f.id, validation_file=val.id, suffix="marlowe", seed=42,
+            model="builtin:SmolLM2-135M-Instruct", training_file=f.id, validation_file=val.id, suffix="marlowe",
+            seed=42,
             method={"type": "supervised", "supervised": {"hyperparameters": {
                 "n_epochs": 8, "batch_size": 8, "learning_rate_multiplier": 2.0}}},  # 2 x 5e-4 = the config's 1e-3
             extra_body={"tunesmith": {"method": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
@@ -419,8 +420,8 @@ def test_smollm2_learns_its_identity_through_the_service(tmp_path):
                                                                             "by Hugging Face."}]}
                  for r in train[:100]]
         pf = upload(c, write_jsonl(tmp_path / "prefs.jsonl", pairs))
-        dpo = c.fine_tuning.jobs.create(model="smollm2", training_file=pf.id, method={"type": "dpo", "dpo": {
-            "hyperparameters": {"n_epochs": 1, "batch_size": 8, "beta": 0.1}}},
+        dpo = c.fine_tuning.jobs.create(model="builtin:SmolLM2-135M-Instruct", training_file=pf.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 8, "beta": 0.1}}},
             extra_body={"tunesmith": {"data": {"max_length": 128}, "train": {"log_every": 2}}})
         dpo_done = wait(c, dpo.id, ("succeeded", "failed", "cancelled"), timeout=7200)
         assert dpo_done.status == "succeeded", dpo_done.error
