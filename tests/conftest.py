@@ -128,9 +128,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m tunesmith.cli serve ARGS` on a free port of 127.0.0.1, up once /health answers."""
+    """`python -m tunesmith.cli serve ARGS` (or another `command`: service) on a free port of 127.0.0.1,
+    up once /health answers."""
 
-    def __init__(self, args: list[str], log: Path, timeout: float = 180, threads: int | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, timeout: float = 180, threads: int | None = None,
+                 command: str = "serve", env: dict[str, str] | None = None) -> None:
         import subprocess
         import sys
         import time
@@ -139,10 +141,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         if threads:  # tiny models: one thread, as the test suite shares its cores
             env["OMP_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args, "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", command, *args, "--port", str(self.port)],
                                      cwd=Path(__file__).parent.parent, env=env, stdout=log.open("w"),
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

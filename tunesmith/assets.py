@@ -26,6 +26,11 @@ def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def aliases(kind: str) -> list[str]:
+    """The builtin: names of a kind ('models' or 'data'), e.g. ['builtin:SmolLM2-135M-Instruct', ...]."""
+    return [PREFIX + k for k in _table()[kind]]
+
+
 def _resolve(kind: str, name: str) -> dict[str, Any]:
     key = name.removeprefix(PREFIX)
     table = _table()[kind]

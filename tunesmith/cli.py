@@ -149,6 +149,50 @@ def _parser() -> argparse.ArgumentParser:
                     "score it on the test split")
     se.add_argument("--out", help="search folder (default: the config's output.dir with the study's name)")
 
+    se = sub.add_parser("service", help="a self-hosted fine-tuning service speaking OpenAI's fine-tuning API (files, "
+                        "jobs, events, checkpoints) that also serves the models it trains")
+    se.add_argument("--data-dir", default="tunesmith-service", help="files, runs and the SQLite database (default "
+                    "./tunesmith-service); shared storage when workers run on other machines")
+    se.add_argument("--db", help="database URL (default: SQLite in the data dir; postgresql://user@host/db for "
+                    "workers on several machines)")
+    se.add_argument("--workers", type=int, default=1, help="embedded workers, each training one job at a time "
+                    "in a child process (default 1; 0: only `tunesmith worker` processes train)")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="a base model jobs may fine-tune, as `model=NAME` (repeatable; PATH: a folder, .gguf or "
+                    "builtin: alias); the first one counts the tokens of uploads")
+    se.add_argument("--max-file-bytes", type=int, help="largest upload (default 512 MB, OpenAI's limit)")
+    se.add_argument("--max-example-tokens", type=int, help="longest example an upload may hold (default: the "
+                    "first --model's context length)")
+    se.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="inference precision of served models")
+    se.add_argument("--lease-s", type=float, help="embedded workers' job lease: they heartbeat every lease/3 seconds; "
+                    "a dead worker's job is resumed after it (default 60)")
+
+    wk = sub.add_parser("worker", help="train the fine-tuning service's queued jobs (more workers for `tunesmith "
+                        "service`, on this or other machines sharing its PostgreSQL and data dir)")
+    wk.add_argument("--data-dir", default="tunesmith-service", help="the service's data dir (the same folder, at the "
+                    "same path, on every machine: shared storage)")
+    wk.add_argument("--db", help="the service's database URL (postgresql://user@host/db for several machines; "
+                    "default: SQLite in the data dir, workers on this machine only)")
+    wk.add_argument("--workers", type=int, default=1, help="jobs trained at once by this process (default 1)")
+    wk.add_argument("--lease-s", type=float, help="a dead worker's job is resumed elsewhere after this many "
+                    "seconds without a heartbeat (default 60, or $TUNESMITH_WORKER_LEASE_S)")
+    wk.add_argument("--poll-s", type=float, help="how often an idle worker looks for jobs (default 2, or "
+                    "$TUNESMITH_WORKER_POLL_S)")
+
+    ky = sub.add_parser("keys", help="the fine-tuning service's API keys: one project per key name")
+    ksub = ky.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="make a key for project NAME (printed once; only its hash is kept)")
+    ka.add_argument("name")
+    kl = ksub.add_parser("list", help="every key: name, project, prefix, created, revoked")
+    kl.add_argument("--json", action="store_true")
+    kr = ksub.add_parser("revoke", help="revoke a key by its project name or key id")
+    kr.add_argument("name_or_id")
+    for sp in (ka, kl, kr):
+        sp.add_argument("--data-dir", default="tunesmith-service")
+        sp.add_argument("--db", help="database URL (default: SQLite in the data dir)")
+
     c = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
     c.add_argument("config", nargs="?", help="YAML run config")
     c.add_argument("--doc", action="store_true", help="list every field, its default and what it does")
@@ -254,6 +298,28 @@ def run(argv: list[str]) -> int:
         serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch)
     elif args.command == "search":
         return _search(args, rest)
+    elif args.command == "service":
+        from tunesmith.service.app import serve_service
+
+        _no_overrides(rest)
+        serve_service(args.data_dir, args.db, args.workers, args.host, args.port, args.model,
+                      max_file_bytes=args.max_file_bytes, max_example_tokens=args.max_example_tokens,
+                      precision=args.precision,
+                      worker_options={"lease_s": args.lease_s} if args.lease_s else None)
+    elif args.command == "worker":
+        from tunesmith.service import require_store_deps
+
+        _no_overrides(rest)
+        require_store_deps()
+        from tunesmith.service.worker import serve_forever
+
+        serve_forever(args.db, Path(args.data_dir), args.workers, lease_s=args.lease_s, poll_s=args.poll_s)
+    elif args.command == "keys":
+        from tunesmith.service import require_store_deps
+
+        _no_overrides(rest)
+        require_store_deps()
+        return _keys(args)
     elif args.command == "config":
         from tunesmith.config import describe_fields, load_config
 
@@ -266,6 +332,31 @@ def run(argv: list[str]) -> int:
             import yaml
 
             print(yaml.safe_dump(load_config(args.config, rest).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def _keys(args) -> int:
+    import time
+
+    from tunesmith.service.store import Store
+
+    store = Store(args.db, Path(args.data_dir))
+    store.migrate()
+    try:
+        if args.keys_command == "add":
+            project, key = store.add_key(args.name)
+            print(f"{key}\n(project {project['name']} = {project['id']}; shown once: keep it, only its hash is stored)")
+        elif args.keys_command == "list":
+            keys = store.list_keys()
+            day = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+            lines = [f"{k['id']}\t{k['name']}\t{k['project_id']}\t{k['prefix']}...\t{day(k['created_at'])}\t"
+                     + (f"revoked {day(k['revoked_at'])}" if k["revoked_at"] else "active") for k in keys]
+            print(json.dumps(keys, indent=2) if args.json else "\n".join(lines) or "no keys yet: tunesmith keys add NAME")
+        else:
+            for k in store.revoke_key(args.name_or_id):
+                print(f"revoked {k['id']} ({k['name']}, {k['prefix']}...)")
+    finally:
+        store.close()
     return 0
 
 

@@ -1,7 +1,8 @@
 """Preference data: pairs, rankings, unpaired feedback and prompts -> validated examples -> features.
 
 Record shapes (the field's usual JSONL layouts, trl's included; `data.columns` renames):
-  preference  {"prompt"?, "chosen", "rejected"}            text, or chat messages
+  preference  {"prompt"?, "chosen", "rejected"}            text, or chat messages; also OpenAI's DPO
+              {"input": {"messages"}, "preferred_output", "non_preferred_output"} (data/openai_format.py)
   ranking     {"prompt", "responses": [best, ..., worst], "scores"?, "weight"?}
               expanded into all K(K-1)/2 (better, worse) pairs as in InstructGPT; with "scores",
               responses are ranked by score and equal scores are ties (no pair).
@@ -19,6 +20,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.data.formats import Example, rename_columns
+from tunesmith.data.openai_format import is_openai_dpo, preference_fields
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import IGNORE, TokenStats, _encode_sft, _truncate_sft
 from tunesmith.errors import DataError, Problem, TunesmithError
@@ -40,7 +42,7 @@ class PrefExample:
 
 def detect_pref_format(fields: dict[str, Any]) -> str:
     keys = set(fields)
-    if {"chosen", "rejected"} <= keys:
+    if {"chosen", "rejected"} <= keys or is_openai_dpo(fields):  # OpenAI's DPO shape reads as a pair
         return "preference"
     if "responses" in keys:
         return "ranking"
@@ -156,7 +158,12 @@ def to_pref_examples(records: list[Record], cfg: RunConfig, formats: frozenset[s
     problems: list[Problem] = []
     out = []
     for rec in records:
-        ex = _pref_example(rename_columns(rec, cfg.data.columns), fmt, rec.where, cfg, problems)
+        f = rename_columns(rec, cfg.data.columns)
+        if is_openai_dpo(f):  # {input: {messages}, preferred_output, non_preferred_output}
+            f = preference_fields(f, rec.where, problems)
+            if f is None:
+                continue
+        ex = _pref_example(f, fmt, rec.where, cfg, problems)
         if ex is not None:
             out.append(ex)
     if problems:

@@ -154,14 +154,7 @@ class Registry:
         generative = task.predicts == "generate"
         if generative and (run / "adapter").is_dir():
             if self.gen is None:  # the base, loaded once for every adapter over it
-                tok = load_tokenizer(str(run / "adapter"))
-                base_id = cfg.model.name_or_path
-                served = Served(base_id, resolve_model_path(cfg.model.name_or_path), task.serves,
-                                load_tokenizer(resolve_model_path(cfg.model.name_or_path)), DataConfig(),
-                                bool(tok.chat_template), DEFAULT_MAX_TOKENS,
-                                base_path=resolve_model_path(cfg.model.name_or_path))
-                # QLoRA / int8 adapters are applied to the full-precision base, as vLLM serves them.
-                self._set_gen(load_base(cfg, None, tok.pad_token_id, quantized=False), tok, served, cfg)
+                self._load_base(cfg, run / "adapter", cfg.model.name_or_path)
             self.add_adapter(name, str(run))
         elif generative and (run / "model").is_dir():
             loaded = load_run(run)
@@ -173,6 +166,28 @@ class Registry:
                                  "models (use tunesmith predict for this run)")
         else:
             self._add_encoder_run(name, run, cfg, info)
+
+    def _load_base(self, cfg: RunConfig, adapter_dir: Path, base_id: str) -> None:
+        tok = load_tokenizer(str(adapter_dir))
+        base_path = resolve_model_path(cfg.model.name_or_path)
+        served = Served(base_id, base_path, get_task(cfg.task).serves, load_tokenizer(base_path), DataConfig(),
+                        bool(tok.chat_template), DEFAULT_MAX_TOKENS, base_path=base_path)
+        # QLoRA / int8 adapters are applied to the full-precision base, as vLLM serves them.
+        self._set_gen(load_base(cfg, None, tok.pad_token_id, quantized=False), tok, served, cfg)
+
+    def ensure_base(self, run: str | Path, base_id: str | None = None, adapter_dir: str | Path | None = None) -> None:
+        """Load the generative base of LoRA run `run` when this registry has none yet, as model
+        `base_id` (default: the run's model.name_or_path): a server that started with no model
+        (`tunesmith service` before its first finished job) gets its base with its first adapter.
+        `adapter_dir`: the adapter about to be loaded (default run/adapter; a checkpoint's while the
+        run trains), whose tokenizer says whether prompts use a chat template. Call it before
+        read_adapter; a base already loaded is left alone (read_adapter then checks the adapter's base)."""
+        if self.gen is not None:
+            return
+        cfg = load_config(Path(run) / "config.yaml")
+        self._load_base(cfg, Path(adapter_dir or Path(run) / "adapter"), base_id or cfg.model.name_or_path)
+        if self.engine is not None:  # it had no generative model; no generation request can be running
+            self.engine.gen = self.gen
 
     def _add_encoder_run(self, name: str, run: Path, cfg: RunConfig, info: dict) -> None:
         task = get_task(cfg.task)

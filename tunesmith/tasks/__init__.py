@@ -13,6 +13,7 @@ from typing import Any
 
 from tunesmith.config import DataConfig, RunConfig
 from tunesmith.data import PreparedData, split_examples
+from tunesmith.data.openai_format import is_openai_dpo
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import TokenStats
 from tunesmith.errors import ConfigError, TunesmithError
@@ -33,8 +34,8 @@ def get_task(name: str) -> Task:
 
 def task_for_format(fields: dict[str, Any], data: DataConfig) -> str:
     """The task a record's shape suggests when no config names one (`data check` without --config,
-    `init`): preference pairs and rankings -> dpo, else the first task that reads the detected format."""
-    if {"chosen", "rejected"} <= set(fields) or "responses" in fields:
+    `init`): preference pairs, rankings and OpenAI's DPO shape -> dpo, else the first task that reads the detected format."""
+    if {"chosen", "rejected"} <= set(fields) or "responses" in fields or is_openai_dpo(fields):
         return "dpo"
     for task in _TASKS.values():
         try:

@@ -11,6 +11,7 @@ import numpy as np
 from tunesmith.config import load_config, parse_overrides
 from tunesmith.data import dedup, load_records, resolve_labels
 from tunesmith.data.formats import Example, infer_labels, rename_columns
+from tunesmith.data.openai_format import MIN_EXAMPLES, detect_kind, validate_objects
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 from tunesmith.tasks import findings, get_task, task_for_format, to_examples
 from tunesmith.tasks.check_output import format_report, markdown_report  # noqa: F401 (the API's names)
@@ -57,13 +58,16 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     read_problems: list = []
     records, src = load_records(cfg.data.train, cfg.data, read_problems)  # malformed lines are collected, not raised
     report["problems"] = [str(p) for p in read_problems]
+    n_rows = len(records) + len(read_problems)
+    if records and not cfg.data.columns and detect_kind(records[0].fields):
+        records = _openai_checks(report, records)
     if not records:
         return report
     if config is None and "task" not in ov:  # follow the file's shape
         cfg = load_config(None, {**ov, "task": task_for_format(rename_columns(records[0], cfg.data.columns), cfg.data)})
         report["task"], report["task_detected"] = cfg.task, True
     task = get_task(cfg.task)
-    report["rows"] = len(records) + len(read_problems)
+    report["rows"] = n_rows
     report["format"] = task.detect(rename_columns(records[0], cfg.data.columns), cfg.data)
     labels = resolve_labels(cfg, records, src)
     names = labels or cfg.data.labels or src.get("labels")
@@ -123,6 +127,21 @@ class _Clock:
         lap["wall"] = round(lap["wall"] + now - self._t, 3)
         lap["cpu"] = round(lap["cpu"] + cpu - self._cpu, 3)
         self._t, self._cpu = now, cpu
+
+
+def _openai_checks(report: dict[str, Any], records: list) -> list:
+    """A file in OpenAI's chat or DPO format gets OpenAI's checks (data/openai_format.py, the same
+    code the fine-tuning service runs at upload), each problem with its code and line; the records
+    it refuses are left out of the task's own checks so each problem is told once."""
+    found = validate_objects([(r.where.line, r.fields) for r in records], detect_kind(records[0].fields),
+                             min_examples=0)
+    bad = {f.line for f in found.findings}
+    report["problems"] += [str(f.problem(records[0].where.path)) for f in found.findings]
+    report["openai_format"] = {"format": found.kind, "examples": found.examples, "codes": found.codes()}
+    if found.examples < MIN_EXAMPLES:
+        report["warnings"].append(f"{found.examples} valid example(s): OpenAI's fine-tuning API (and tunesmith "
+                                  f"service) needs at least {MIN_EXAMPLES}")
+    return [r for r in records if r.where.line not in bad]
 
 
 def _sample(examples: list, n: int | None, seed: int) -> list:

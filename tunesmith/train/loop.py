@@ -116,7 +116,10 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
 
     # Where we are: a fresh run starts at zero, a resumed one where its checkpoint left off.
     prog = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": None, "bad_evals": 0,
-            "run_loss": 0.0, "run_count": 0, "run_extras": {}}  # sums since the last log line (kept so resume logs match)
+            "run_loss": 0.0, "run_count": 0, "run_extras": {}, "run_correct": 0}  # sums since the last log line (kept so resume logs match)
+    # The training rows also carry the objective's argmax hits as the task's accuracy metric (token
+    # accuracy for the LM tasks): the job service reports it per step, as OpenAI's metrics events do.
+    acc_key = next((k for k in ("token_accuracy", "accuracy") if k in task.metrics), None)
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from is not None:
         ckpt.load_weights(resume_from, acc.unwrap_model(model))
@@ -128,7 +131,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             ema.load_state_dict(state["ema"])
         if schedule is not None:
             schedule.load_state_dict(state["method"])
-        prog = {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
+        prog = {"run_extras": {}, "run_correct": 0} | state["progress"]  # older checkpoints lack these keys
         _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
 
@@ -142,7 +145,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler,
                              dict(prog), ema=ema, method=schedule)
         ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
-        emit({"kind": "checkpoint", "step": step})
+        emit({"kind": "checkpoint", "step": step, "path": str(run_dir / "checkpoints" / f"step-{step}")})
 
     model.train()
     bar = tqdm(total=total_steps, initial=prog["step"], desc="train", dynamic_ncols=True,
@@ -169,6 +172,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                             loss = loss + schedule.penalty() / len(group)
                     acc.backward(loss)
                 prog["run_loss"] += float(out.loss_sum.detach())
+                prog["run_correct"] += out.correct
                 for k, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
                     prog["run_extras"][k] = prog["run_extras"].get(k, 0.0) + v
                 tokens_seen += int(batch["attention_mask"].sum())
@@ -196,18 +200,19 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             # ---- logging ----
             elapsed = time.perf_counter() - start
             if step % t.log_every == 0 or step == total_steps:
-                log({"kind": "train", "step": step, "epoch": epoch_float,
+                log({"kind": "train", "step": step, "total_steps": total_steps, "epoch": epoch_float,
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                     **({acc_key: prog["run_correct"] / max(prog["run_count"], 1)} if acc_key else {}),
                      **{k: v / max(prog["run_count"], 1) for k, v in prog["run_extras"].items()}})
                 bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
                                 tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", refresh=False)
-                prog.update(run_loss=0.0, run_count=0, run_extras={})
+                prog.update(run_loss=0.0, run_count=0, run_extras={}, run_correct=0)
             bar.update(1)
 
             # ---- evaluate, keep best, checkpoint, early stopping ----
             if step % eval_every == 0 or step == total_steps or (t.eval_every == "epoch" and epoch_done):
-                row: dict[str, Any] = {"kind": "eval", "step": step, "epoch": epoch_float}
+                row: dict[str, Any] = {"kind": "eval", "step": step, "total_steps": total_steps, "epoch": epoch_float}
                 if val is not None:
                     with averaged():
                         m = score_features(model, val.features, cfg, data.labels, pad_id, acc, frozen=frozen)
