@@ -277,3 +277,15 @@ def test_keys_cli(tmp_path, capsys):
     assert run(["keys", "revoke", "team-a", *args]) == 0
     assert store.project_for_key(key) is None
     store.close()
+
+
+def test_a_named_model_may_be_a_builtin_alias(tmp_path):
+    """`tunesmith service --model smol=builtin:SmolLM2-135M-Instruct`: the name resolves to the alias,
+    not to a folder called 'builtin:...' under the working directory; a request path is refused."""
+    from tunesmith.service.jobs import resolve_model
+
+    models = {"smol": "builtin:SmolLM2-135M-Instruct", "local": str(tmp_path / "m")}
+    assert resolve_model(None, "p", "smol", tmp_path, models) == {"builtin": "builtin:SmolLM2-135M-Instruct"}
+    assert resolve_model(None, "p", "local", tmp_path, models) == {"path": str(tmp_path / "m")}
+    with pytest.raises(StoreError, match="not available"):
+        resolve_model(None, "p", "/etc", tmp_path, models)

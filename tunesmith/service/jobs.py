@@ -312,8 +312,9 @@ def resolve_model(store: Store, project_id: str, model: str, data_dir: Path, mod
         parent = store.job_for_model(project_id, model)
         if parent is not None and parent["status"] == "succeeded" and parent.get("run_dir"):
             return {"job": parent["id"]}
-    elif model in models:
-        return {"path": str(Path(models[model]).absolute())}
+    elif model in models:  # a --model NAME=PATH; PATH may itself be a builtin: alias or a hub id
+        target = models[model]
+        return {"builtin": target} if assets.is_builtin(target) else {"path": str(Path(target).absolute())}
     elif MODEL_NAME.match(model) and (data_dir / "models" / model / "config.json").is_file():
         return {"dir": f"models/{model}"}
     names = available_models(data_dir, models)
