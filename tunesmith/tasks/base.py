@@ -54,6 +54,21 @@ class Sums:
             self.outputs.append(out.logits.float().cpu())
             self.targets.append(batch["label"].cpu())
 
+    @classmethod
+    def merged(cls, parts: list["Sums"]) -> "Sums":
+        """The sums of several processes' shares of one evaluation (every metric is order-free)."""
+        out = cls()
+        for p in parts:
+            out.loss += p.loss
+            out.count += p.count
+            out.items += p.items
+            out.correct += p.correct
+            for k, v in p.extras.items():
+                out.extras[k] = out.extras.get(k, 0.0) + v
+            out.outputs += p.outputs
+            out.targets += p.targets
+        return out
+
 
 @dataclass(frozen=True)
 class Task:
