@@ -54,9 +54,12 @@ def launch(config: str, rest: list[str], nproc: int, nnodes: int = 1, node_rank:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
-        if codes <= set(STOPPED):  # every failed process stopped for a signal, after the checkpoint
-            print(f"stopped by {STOPPED[max(codes)]} with a checkpoint\n  continue: {again}", file=sys.stderr)
-            return max(codes)
+        stopped = codes & set(STOPPED)
+        # A process exits 130/143 only after the processes agreed to stop and the checkpoint was written;
+        # torchrun then SIGTERMs the ones still shutting down, which may die of it (-15): same outcome.
+        if stopped and codes <= set(STOPPED) | {-signal.SIGTERM, -signal.SIGINT}:
+            print(f"stopped by {STOPPED[max(stopped)]} with a checkpoint\n  continue: {again}", file=sys.stderr)
+            return max(stopped)
         print(f"data-parallel run failed: exit codes by rank "
               f"{ {r: f.exitcode for r, f in sorted(e.failures.items())} } (the processes' errors are above)",
               file=sys.stderr)

@@ -174,10 +174,10 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     acc.backward(loss)
                 if k < len(shares) - 1:
                     faults.reached("micro-batch")
+                for name, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
+                    extras[name] = extras.get(name, 0.0) + (v if weight else 0.0)  # same keys on every process
                 if weight:
                     loss_sum += float(out.loss_sum.detach())
-                    for name, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
-                        extras[name] = extras.get(name, 0.0) + v
                     tokens += int(batch["attention_mask"].sum())
             norm = _grad_norm(acc, params, t.max_grad_norm)  # clipped to max_grad_norm when set
             names = sorted(extras)
