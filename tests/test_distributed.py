@@ -217,3 +217,57 @@ def test_online_rl_refuses_data_parallel_with_a_clear_message(tmp_path, tiny_lla
         train({"task": task, "model": {"name_or_path": str(tiny_llama)}, "data": {"train": str(data)},
                "pref": {"reward_fn": f"{tmp_path / 'reward.py'}:reward"}, "output": {"dir": str(tmp_path / "{name}")}})
     assert not (tmp_path / "run").exists()
+
+
+# ---- engines: the shipped accelerate configs, and what tunesmith says about each -----------------
+
+TEMPLATES = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+def test_accelerate_templates_are_valid_accelerate_configs_with_their_command():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    names = {p.name for p in TEMPLATES}
+    assert {"ddp.yaml", "ddp-cpu.yaml", "fsdp2-lora.yaml", "fsdp2-full.yaml", "fsdp2-qlora.yaml",
+            "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= names
+    for path in TEMPLATES:
+        cfg = ClusterConfig.from_yaml_file(str(path))  # what `accelerate launch --config_file` reads
+        assert f"accelerate launch --config_file configs/accelerate/{path.name} -m tunesmith train" in path.read_text()
+        if path.name.startswith("fsdp2"):
+            assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+        if path.name.startswith("deepspeed"):
+            assert cfg.deepspeed_config["zero_stage"] == int(path.stem[-1])
+        assert path.name in (ROOT / "docs" / "DISTRIBUTED.md").read_text()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "install deepspeed with pip install 'tunesmith\\[deepspeed\\]'"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP launches are not supported by tunesmith yet"),
+])
+def test_sharded_engines_stop_with_what_to_do(monkeypatch, env, message):
+    import importlib.util
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.runtime import make_accelerator
+
+    assert importlib.util.find_spec("deepspeed") is None  # (this environment: the message, not a DeepSpeed run)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TunesmithError, match=message):
+        make_accelerator(TrainConfig(precision="fp32"))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_cpu_ddp_template(tmp_path, tiny_bert, sentiment_rows):
+    """`accelerate launch --config_file configs/accelerate/ddp-cpu.yaml -m tunesmith train CONFIG` (2 CPU processes)."""
+    cfg = _cls_config(tmp_path, tiny_bert, sentiment_rows, "acc", epochs=1)
+    log = tmp_path / "accelerate.log"
+    proc = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "accelerate" / "ddp-cpu.yaml"), "-m", "tunesmith", "train", str(cfg)], log)
+    try:
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+    train(str(cfg), ["--output.name=one"])
+    _assert_close_runs(tmp_path / "runs" / "one", tmp_path / "runs" / "acc")
+    assert json.loads((tmp_path / "runs" / "acc" / "run.json").read_text())["processes"] == 2

@@ -283,7 +283,8 @@ class MethodConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch, over all processes: with N data-parallel "
+                            "processes each takes its share (batch_size / N), so the step is the same on 1 or N.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate. Default: 5e-5 for method full (every "
                              "weight moves), 5e-4 for the others (adapters and new heads start from zero or random).")
