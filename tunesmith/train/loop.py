@@ -255,6 +255,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     save(step)
             elif t.save_every is not None and step % t.save_every == 0 and prog["bad_run"] == 0:
                 save(step)  # between evaluations: a hard kill loses little
+            # one process: a cancel that came during this step's evaluation or checkpoint counts now
+            cancelled = cancelled or (size == 1 and cancel is not None and cancel.is_set())
             if cancelled:  # Ctrl-C / SIGTERM / the caller, on any process: stop at this step boundary
                 if saved_at != step:
                     save(step)
