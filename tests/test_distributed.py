@@ -124,8 +124,8 @@ def _cls_config(tmp_path: Path, tiny_bert: Path, rows: list[dict], name: str, **
            "data": {"train": str(reviews), "val_size": 12, "test_size": 12, "max_length": 32},
            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
            "eval": {"before": False, "num_samples": 0, "batch_size": 5},
-           **_common(tmp_path / "runs", name, batch_size=8, grad_accum=2, epochs=3, eval_every=1000, save_every=3,
-                     **train_over)}
+           **_common(tmp_path / "runs", name, **({"batch_size": 8, "grad_accum": 2, "epochs": 3, "eval_every": 1000,
+                                                  "save_every": 3} | train_over))}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -271,3 +271,19 @@ def test_accelerate_launch_with_the_cpu_ddp_template(tmp_path, tiny_bert, sentim
     train(str(cfg), ["--output.name=one"])
     _assert_close_runs(tmp_path / "runs" / "one", tmp_path / "runs" / "acc")
     assert json.loads((tmp_path / "runs" / "acc" / "run.json").read_text())["processes"] == 2
+
+
+def test_nproc_launcher_command_line_and_its_errors():
+    from tunesmith.launch import torchrun_args
+
+    assert torchrun_args("cfg.yaml", ["--train.lr=1e-4"], 2) == [
+        "--nproc-per-node", "2", "--nnodes", "1", "-m", "tunesmith", "train", "cfg.yaml", "--train.lr=1e-4"]
+    assert torchrun_args("cfg.yaml", [], 1, 2, 1, "10.0.0.1:29500", resume=True) == [
+        "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static",
+        "--rdzv-endpoint", "10.0.0.1:29500", "-m", "tunesmith", "train", "cfg.yaml", "--resume"]
+    with pytest.raises(TunesmithError, match="--nnodes > 1 needs --rdzv-endpoint HOST:PORT"):
+        torchrun_args("cfg.yaml", [], 1, 2, 0, None)
+    with pytest.raises(TunesmithError, match="--node-rank must be 0 .. 1"):
+        torchrun_args("cfg.yaml", [], 1, 2, 2, "h:1")
+    with pytest.raises(TunesmithError, match="--nproc and --nnodes must be at least 1"):
+        torchrun_args("cfg.yaml", [], 0)
