@@ -18,7 +18,7 @@ from tunesmith.models.device import (  # noqa: F401 (re-exported)
 SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed ZeRO", "ACCELERATE_USE_FSDP": "FSDP"}
 
 
-def check_engine(cfg: TrainConfig) -> None:
+def check_engine() -> None:
     """Refuse, with what to do, the engines tunesmith's loop does not drive yet.
 
     DDP (torchrun, `--nproc`, `accelerate launch` with ddp*.yaml) is verified. FSDP and DeepSpeed
@@ -44,7 +44,7 @@ def check_engine(cfg: TrainConfig) -> None:
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
     """An Accelerator for this run and the precision it uses ('bf16', 'fp16' or 'fp32')."""
-    check_engine(cfg)
+    check_engine()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg)
