@@ -2,6 +2,7 @@
 
     python bench/scaling.py           # about 15 min on 2 cores
     python bench/scaling.py --quick   # small points only
+    python bench/scaling.py --dp      # only the data-parallel rows (sweep 4), a few minutes
 
 Three sweeps, each point in its own process (so its peak RSS is its own):
 1. Sequence length, SmolLM2-135M + LoRA r16 on every linear layer, batch 1, 128 to 4096 tokens,
@@ -12,6 +13,12 @@ Three sweeps, each point in its own process (so its peak RSS is its own):
 3. Dataset size: real `tunesmith train` runs of configs/sentiment-lora.yaml for one epoch at 128
    tokens on 250, 500 and 1,000 reviews, each its own process; time per epoch is the run's own
    train_seconds, memory its peak RSS up to the end of training.
+
+4. Data parallel on the CPU (gloo): the same configs/sentiment-lora.yaml epoch (MiniLM LoRA, 500
+   reviews, 128 tokens, global batch 16) as one process with 2 threads, and as `--nproc 2` with one
+   thread each. Both give the same weights (tests/test_distributed.py); the rows say what the
+   split costs or saves in time and memory on this machine. GPU rows (DDP over NCCL, FSDP2, ZeRO)
+   need a GPU machine: docs/DISTRIBUTED.md says what is verified.
 
 For sweeps 1 and 2, "s / epoch of 1,000 examples" is computed from the measured step time
 (1,000 / batch steps); sweep 3 measures whole epochs. Every step row also gets its MFU against
@@ -44,6 +51,28 @@ def dataset_sweep(sizes: list[int]) -> list[dict]:
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             s = json.loads((Path(out) / "sentiment-lora" / "run.json").read_text())
             rows.append({"examples": n, "epoch_s": s["train_seconds"], "peak_rss_mb": s["train_peak_rss_mb"]})
+    return rows
+
+
+def dp_sweep(n: int = 500) -> list[dict]:
+    """configs/sentiment-lora.yaml for one epoch: 1 process x 2 threads, then 2 processes x 1 thread."""
+    import os
+
+    rows = []
+    for nproc in (1, 2):
+        with tempfile.TemporaryDirectory() as out:
+            env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc), "GLOO_SOCKET_IFNAME": "lo"}
+            launch = ["--nproc", "2"] if nproc == 2 else []
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "tunesmith", "train", str(ROOT / "configs/sentiment-lora.yaml"), *launch,
+                            f"--data.train_size={n}", "--data.val_size=0", "--data.test_size=50", "--data.max_length=128",
+                            "--train.epochs=1", "--train.batch_size=16", f"--train.num_threads={2 // nproc}",
+                            "--train.precision=fp32", "--eval.before=false", "--eval.samples=[]",
+                            f"--output.dir={out}/{{name}}"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            s = json.loads((Path(out) / "sentiment-lora" / "run.json").read_text())
+            rows.append({"processes": nproc, "threads_each": 2 // nproc, "examples": n, "epoch_s": s["train_seconds"],
+                         "wall_s": wall, "peak_rss_mb_process0": s["train_peak_rss_mb"]})
     return rows
 
 
@@ -89,7 +118,19 @@ def plot(seq_rows: list[dict], model_rows: list[dict], data_rows: list[dict], pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dp", action="store_true", help="only the data-parallel rows")
     args = ap.parse_args()
+    if args.dp:
+        dp = dp_sweep()
+        print("\n| MiniLM LoRA, 500 reviews, global batch 16 | s / epoch | wall s (incl. start-up) | peak RSS MB, process 0 |")
+        print("|---|---|---|---|")
+        for r in dp:
+            print(f"| {r['processes']} process(es) x {r['threads_each']} thread(s) | {r['epoch_s']:.0f} | {r['wall_s']:.0f} | "
+                  f"{r['peak_rss_mb_process0']:.0f} |")
+        res = ROOT / "bench" / "results"
+        res.mkdir(parents=True, exist_ok=True)
+        (res / "scaling-dp.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": dp}, indent=2))
+        return
     device, precision = machine()
     peak = matmul_peak(precision)
     smol = "builtin:SmolLM2-135M-Instruct"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,14 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune from a YAML config; writes a run folder", epilog=EPILOG)
     t.add_argument("config", help="YAML run config (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's newest complete checkpoint")
+    t.add_argument("--nproc", type=int, help="data-parallel processes on this machine (launches torchrun; one per "
+                   "GPU, or CPU processes with gloo). train.batch_size stays the global batch: the result does not "
+                   "depend on the process count")
+    t.add_argument("--nnodes", type=int, default=1, help="machines in the run (with --nproc; start the same command "
+                   "on each, with its --node-rank)")
+    t.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 .. nnodes-1")
+    t.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, where the processes meet (with --nnodes > 1)")
 
     it = sub.add_parser("init", help="write a starter config for your own data file (detects the task and columns)")
     it.add_argument("file", help="your data: CSV/TSV, JSONL/JSON, Parquet or .txt")
@@ -362,7 +370,8 @@ def _keys(args) -> int:
 
 def _train(args, rest: list[str]) -> int:
     """Validate the config before the heavy imports (a typo is reported at once), then train;
-    Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint that --resume continues."""
+    Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint that --resume continues,
+    and the exit code says which stopped it: 130 (SIGINT) or 143 (SIGTERM), 128 + the signal's number."""
     import signal
     import threading
 
@@ -371,24 +380,36 @@ def _train(args, rest: list[str]) -> int:
 
     cfg = load_config(args.config, rest)
     check_inputs_exist(cfg)
+    if args.nproc is not None or args.nnodes > 1:
+        from tunesmith.launch import launch
+
+        return launch(args.config, rest, args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.resume)
     from tunesmith.train import train
 
     cancel = threading.Event()
+    received: list[int] = []
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def stop(signum, frame) -> None:
-        if cancel.is_set():  # a second Ctrl-C: stop now (the last checkpoint stays)
-            raise KeyboardInterrupt
+        if cancel.is_set():
+            if parallel:  # torchrun passes a Ctrl-C on to every process: the processes stop together as asked
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays)
         cancel.set()
-        print(f"\n{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping at the next step with a checkpoint"
+              + ("" if parallel else " (Ctrl-C again to stop at once)"), file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(cfg, resume=args.resume, cancel=cancel, echo=True)
     except TrainingCancelled as e:
-        again = " ".join(["tunesmith train", args.config, *rest, "--resume"])
-        print(f"interrupted: {e}\n  continue: {again}", file=sys.stderr)
-        return 130
+        if int(os.environ.get("RANK", "0")) == 0:
+            again = "the same launch command with --resume" if parallel else \
+                " ".join(["tunesmith train", args.config, *rest, "--resume"])
+            print(f"interrupted: {e}\n  continue: {again}", file=sys.stderr)
+        # another process's signal stopped this one: the run was stopped as by SIGTERM (preemption)
+        return 128 + (received[0] if received else signal.SIGTERM)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -315,7 +315,8 @@ class MethodConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch, over all processes: with N data-parallel "
+                            "processes each takes its share (batch_size / N), so the step is the same on 1 or N.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_batch_tokens: int | None = Field(
         None, ge=1, description="Cut each micro-batch into pieces of at most this many padded tokens "
@@ -352,6 +353,10 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for model init, dropout and batch order.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     log_every: int = Field(10, ge=1, description="Record training loss every N steps.")
+    max_bad_steps: int = Field(
+        10, ge=1, description="A step whose loss or gradient norm is not finite (inf/NaN) is skipped: no update, "
+        "counted in the log (skipped_steps). This many in a row stop the run with an error; the newest checkpoint "
+        "stays as the last good one.")
     save_every: int | None = Field(
         None, ge=1, description="Also write a resumable checkpoint every N optimizer steps (besides the ones at each "
         "evaluation), so a crash or a hard kill loses at most N steps. Ctrl-C / SIGTERM always checkpoint at the next step.")

@@ -12,20 +12,63 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds,
-    so a crash never leaves a half-written folder (checkpoints, caches, merged models)."""
+    so a crash never leaves a half-written folder (checkpoints, caches, merged models).
+
+    An existing `out` is renamed aside before the new one is renamed in, and deleted only after:
+    at every moment one complete copy exists under `out` or under `.old-<name>-*` (which
+    `restore_aside` puts back). `durable`: fsync the files and folders, so the folder also
+    survives a power cut, not only a killed process (checkpoints; a few ms for small files).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    aside: Path | None = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        if durable:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            _fsync(tmp)
         if out.exists():
-            shutil.rmtree(out)
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".old-{out.name}-"))
+            os.replace(out, aside / out.name)
         os.replace(tmp, out)
+        if durable:
+            _fsync(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            if not out.exists():  # the new folder never made it in: the old one goes back
+                os.replace(aside / out.name, out)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_aside(folder: Path) -> list[str]:
+    """After a crash: remove half-written `.tmp-*` folders under `folder` and put back any folder
+    that was renamed aside and not yet replaced. Returns what it did, for the log."""
+    done = []
+    for tmp in sorted(Path(folder).glob(".tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed unfinished {tmp.name}")
+    for aside in sorted(Path(folder).glob(".old-*")):
+        for kept in aside.iterdir():
+            if not (Path(folder) / kept.name).exists():
+                os.replace(kept, Path(folder) / kept.name)
+                done.append(f"restored {kept.name} (its replacement was never completed)")
+        shutil.rmtree(aside, ignore_errors=True)
+    return done
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -33,9 +33,10 @@ def batch_order(lengths: list[int], batch_size: int, *, shuffle: bool, seed: int
     return batches
 
 
-def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of features to the batch's longest sequence."""
-    width = max(len(f["input_ids"]) for f in features)
+def collate(features: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of features to the batch's longest sequence (or to `width`: a data-parallel
+    process pads its share as the whole batch is padded, so each row computes as on one process)."""
+    width = max(width or 0, max(len(f["input_ids"]) for f in features))
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(features), width), dtype=torch.long)  # (B, T) 1 = real token
     out: dict[str, torch.Tensor] = {}
@@ -54,7 +55,7 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return out
 
 
-def collate_rows(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_rows(features: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Preference features (several rows each: chosen/rejected, ...) -> one padded batch.
 
     Rows are stacked role by role: with B pairs, rows 0..B-1 are the chosen and B..2B-1 the
@@ -63,7 +64,7 @@ def collate_rows(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch
     log-prob per row) becomes (R * B,) in row order.
     """
     n_rows = len(features[0]["rows"])
-    out = collate([f["rows"][r] for r in range(n_rows) for f in features], pad_id)
+    out = collate([f["rows"][r] for r in range(n_rows) for f in features], pad_id, width)
     for key in features[0]:
         if key == "ref":
             out["ref"] = torch.tensor([f["ref"][r] for r in range(n_rows) for f in features], dtype=torch.float)
@@ -72,8 +73,13 @@ def collate_rows(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch
     return out
 
 
-def collate_any(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    return collate_rows(features, pad_id) if "rows" in features[0] else collate(features, pad_id)
+def collate_any(features: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    return collate_rows(features, pad_id, width) if "rows" in features[0] else collate(features, pad_id, width)
+
+
+def padded_width(features: list[dict[str, Any]]) -> int:
+    """The width collate_any pads these features to."""
+    return max(len(r["input_ids"]) for f in features for r in (f["rows"] if "rows" in f else [f]))
 
 
 def feature_length(f: dict[str, Any]) -> int:

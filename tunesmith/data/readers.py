@@ -57,6 +57,10 @@ def read_records(path: Path, reader: str = "auto", problems: list[Problem] | Non
     reader = detect_reader(path) if reader == "auto" else reader
     try:
         records = _READERS[reader](path)
+    except UnicodeDecodeError:
+        raise TunesmithError(_not_utf8(path)) from None
+    except csv.Error as e:  # e.g. a NUL byte: csv gives up on the whole file
+        raise TunesmithError(f"{path}: not a readable CSV file: {e}") from None
     except DataError as e:
         if problems is None:
             raise
@@ -65,6 +69,19 @@ def read_records(path: Path, reader: str = "auto", problems: list[Problem] | Non
     if not records and not problems:
         raise TunesmithError(f"{path}: no records (empty file)")
     return records
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a file (or a folder's first such file) stops being UTF-8 text, as line and byte."""
+    for p in (sorted(path.glob("*.txt")) if path.is_dir() else [path]):
+        raw = p.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            return (f"{p}:line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    "save the file as UTF-8")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -78,6 +95,9 @@ def _read_jsonl(path: Path) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 problems.append(Problem(where, f"malformed JSON: {e.msg} at column {e.colno}"))
+                continue
+            except RecursionError:
+                problems.append(Problem(where, "JSON nested too deeply"))
                 continue
             if not isinstance(obj, dict):
                 problems.append(Problem(where, f"expected a JSON object, got {type(obj).__name__}"))
@@ -94,6 +114,8 @@ def _read_json(path: Path) -> list[Record]:
         return []
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise TunesmithError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line under a .json name
             return _read_jsonl(path)

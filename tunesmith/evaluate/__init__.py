@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from tunesmith import faults
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
 from tunesmith.data.collate import batch_order, collate_any, feature_length
@@ -29,27 +30,39 @@ def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: l
                    acc: Accelerator, frozen=None) -> dict:
     """The task's objective over features, summed, then its metrics (accuracy/F1, loss/perplexity,
     pairwise accuracy and margin, MAE/RMSE...). `frozen`: the training loop's FrozenBottom
-    (train/frozen_cache.py), whose kept outputs the evaluation reuses."""
+    (train/frozen_cache.py), whose kept outputs the evaluation reuses. Every data-parallel process
+    must call it (objective_sums gathers)."""
     return get_task(cfg.task).summarise(objective_sums(model, feats, cfg, pad_id, acc, frozen), labels)
 
 
 @torch.no_grad()
 def objective_sums(model, feats: list[dict[str, Any]], cfg: RunConfig, pad_id: int, acc: Accelerator,
                    frozen=None) -> Sums:
-    """The task's objective over features in evaluation batches: its sums, and its per-unit rows."""
+    """The task's objective over features in evaluation batches: its sums, and its per-unit rows.
+
+    On N data-parallel processes, process r scores batches r, r+N, ... and the sums are gathered:
+    each example is scored once, and every process gets the same sums. Every process must call it.
+    """
     task = get_task(cfg.task)
     was_training = model.training
     model.eval()
     objective = task.objective(cfg)
     sums = Sums()
+    batches = batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False)
     with lora_folded(model):  # one matmul per adapted layer, folded once (methods/folded.py)
-        for idxs in batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False):
+        for n, idxs in enumerate(batches[acc.process_index::acc.num_processes]):
             batch_feats = [feats[i] for i in idxs]
             batch = _to(collate_any(batch_feats, pad_id), acc.device)
             with acc.autocast(), frozen.use(batch_feats, batch) if frozen is not None else nullcontext():
                 out = objective(model, batch)
             sums.add(out, batch, task.count_items(batch), idxs)
+            if n == 0:
+                faults.reached("eval")
     model.train(was_training)
+    if acc.num_processes > 1:
+        parts: list[Sums | None] = [None] * acc.num_processes
+        torch.distributed.all_gather_object(parts, sums)
+        sums = Sums.merged(parts)
     return sums
 
 

@@ -7,6 +7,7 @@ removes the folder it made.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -32,6 +33,7 @@ from tunesmith.models.quant import is_quantized, prepare_for_training, quantizat
 from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed as dist
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.online import fit_online
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
@@ -88,10 +90,16 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     cfg = _resolve_config(config, overrides)
     task = get_task(cfg.task)
     check_inputs_exist(cfg)
-    on_event = _events(on_event, echo)
+    if task.online and dist.world_size() > 1:
+        raise TunesmithError(f"task {cfg.task}: online RL (rollouts) does not run data-parallel yet; run it in one "
+                             "process (without --nproc / torchrun / accelerate launch)")
+    main = int(os.environ.get("RANK", "0")) == 0  # data parallel: process 0 alone prints and writes the run folder
+    on_event = _events(on_event, echo and main)
     t0, rss_start = time.perf_counter(), current_rss_mb()
     run_dir = cfg.run_dir
-    resume_from = _check_run_dir(run_dir, cfg, resume)
+    resume_from, notes = _check_run_dir(run_dir, cfg, resume)
+    for note in notes:
+        _say(note, on_event)
 
     # ---- everything that can fail on user input happens before the run folder exists ----
     set_seed(cfg.train.seed)
@@ -126,19 +134,23 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
 
     if cancel is not None and cancel.is_set():
         raise TrainingCancelled("stopped before training started; nothing was written")
-    if resume_from is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # output.overwrite: replaced only now that the new run has loaded
+    dist.barrier(acc)  # every process has checked the run folder before process 0 replaces it
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        if resume_from is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # output.overwrite (or a resume with nothing to resume): replaced only now
+            created = True
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        dump_config(cfg, run_dir / "config.yaml")
+        if main:
+            dump_config(cfg, run_dir / "config.yaml")
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
         fit_fn = fit_online if task.online else fit
         if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
             torch.cuda.reset_peak_memory_stats()
         result = fit_fn(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
     except BaseException:
-        if created and ckpt.latest_checkpoint(run_dir) is None:
+        if main and created and ckpt.latest_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
         raise
 
@@ -148,7 +160,10 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         ckpt.load_weights(run_dir / "checkpoints" / "best", model)
         _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
     _say("evaluating the trained model ...", on_event)
-    after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
+    after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))  # every process: a share each
+    if not main:  # process 0 writes the model, summary and report; the others wait for it and return
+        dist.barrier(acc)
+        return RunResult(run_dir, before, after, {"steps": result.steps, "status": "completed", "rank": acc.process_index})
     saved = _save_model(model, tokenizer, cfg, run_dir, base_path)
     summary = {
         "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
@@ -162,7 +177,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
         "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
         "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
-        "stopped_early": result.stopped_early, "status": "completed",
+        "stopped_early": result.stopped_early, "status": "completed", "skipped_steps": result.skipped_steps,
+        "processes": acc.num_processes,
         # the trained model's score on the held-out split, as in the report
         "final_split": after["split"], "final_metric": result.best_metric,
         "final_value": after["metrics"].get(result.best_metric),
@@ -184,6 +200,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     _say("\n" + comparison_markdown(before, after, stats) + f"\n\nrun folder: {run_dir}", on_event)
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})
+    dist.barrier(acc)
     return RunResult(run_dir, before, after, summary)
 
 
@@ -213,25 +230,30 @@ def _resolve_config(config: RunConfig | str | Path | dict, overrides: dict | lis
     return load_config(config, overrides)
 
 
-def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None: start at step 0) and what to tell the user about it."""
     if resume:
-        last = ckpt.latest_checkpoint(run_dir)
-        if last is None:
-            raise TunesmithError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        if not (run_dir / "config.yaml").is_file():
+            raise TunesmithError(f"--resume: {run_dir} is not a run folder (no config.yaml); start without --resume")
         changed = _config_changes(load_config(run_dir / "config.yaml").model_dump(), cfg.model_dump())
         if changed:
             raise TunesmithError(f"--resume: the config differs from the run's config.yaml in "
                                  f"{', '.join(changed)}; resume with the same settings")
-        return last
+        last, notes = ckpt.find_resume(run_dir) if int(os.environ.get("RANK", "0")) == 0 else (ckpt.latest_checkpoint(run_dir), [])
+        if last is None:  # stopped before its first checkpoint: nothing to keep, start again
+            return None, notes + [f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}: starting from step 0"]
+        step = int(last.name.split("-")[1])
+        return last, notes + [f"resuming from {last} (step {step}, the newest complete checkpoint)"]
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
         raise TunesmithError(f"run folder {run_dir} already exists; use --output.overwrite=true, "
                              f"another --output.name, or --resume")
-    return None
+    return None, []
 
 
 # Settings that change how fast a run goes or how often it saves, not what it computes: free to
 # change on resume (e.g. resuming on a machine with another core count).
-_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints"})
+_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints",
+                         "train.max_bad_steps"})
 
 
 def _config_changes(saved: dict, now: dict) -> list[str]:
@@ -261,7 +283,8 @@ def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_eve
     rng = torch.get_rng_state()
     before = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
     torch.set_rng_state(rng)  # evaluation must not change what training sees
-    path.write_text(json.dumps(before))
+    if acc.is_main_process:
+        path.write_text(json.dumps(before))
     return before
 
 

@@ -23,13 +23,15 @@ from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
 from tunesmith.data import PreparedData
-from tunesmith.data.collate import collate_any, feature_length, split_by_tokens
+from tunesmith import faults
+from tunesmith.data.collate import collate_any, feature_length, padded_width, split_by_tokens
 from tunesmith.data.mixing import epoch_batches
-from tunesmith.errors import TrainingCancelled
+from tunesmith.errors import TrainingCancelled, TunesmithError
 from tunesmith.evaluate import score_features
 from tunesmith.methods import training_schedule
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed as dist
 from tunesmith.train import frozen_cache
 from tunesmith.train.averaging import WeightAverage
 
@@ -45,6 +47,7 @@ class FitResult:
     stopped_early: bool
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
 
 
 def make_optimizer(model, cfg: RunConfig, device: str = "cpu") -> torch.optim.Optimizer:
@@ -81,8 +84,17 @@ def _improved(value: float, best: float | None, greater: bool) -> bool:
 def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, run_dir: Path, *,
         on_event: EventFn | None = None, cancel: threading.Event | None = None,
         resume_from: Path | None = None) -> FitResult:
+    """The loop. On N data-parallel processes every process runs it; process 0 alone writes the
+    log and the checkpoints, and the processes decide together (train/distributed.py) when to stop
+    or skip a step, so none is left waiting in an all-reduce."""
     t = cfg.train
-    emit = on_event or (lambda e: None)
+    main, size = acc.is_main_process, acc.num_processes
+    emit = on_event if on_event is not None and main else (lambda e: None)
+
+    def say(text: str) -> None:  # a message for the log and the terminal (process 0)
+        emit({"kind": "message", "text": text})
+        if main:
+            tqdm.write(text, file=sys.stderr)
     task = get_task(cfg.task)
     objective = task.objective(cfg)
     train_split = data.splits["train"]
@@ -95,6 +107,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
         return epoch_batches(lengths, train_split.sources, train_split.scores, cfg.data, t.batch_size, t.seed, epoch,
                              t.group_by_length)
 
+    # train.batch_size is the global micro-batch: the step's shape does not depend on the process count
     batches_per_epoch = len(epoch_order(0))
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -116,35 +129,32 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
 
     # Where we are: a fresh run starts at zero, a resumed one where its checkpoint left off.
     prog = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": None, "bad_evals": 0,
+            "skipped": 0, "bad_run": 0,  # non-finite steps: in all, and in a row now
             "run_loss": 0.0, "run_count": 0, "run_extras": {}, "run_correct": 0}  # sums since the last log line (kept so resume logs match)
     # The training rows also carry the objective's argmax hits as the task's accuracy metric (token
     # accuracy for the LM tasks): the job service reports it per step, as OpenAI's metrics events do.
     acc_key = next((k for k in ("token_accuracy", "accuracy") if k in task.metrics), None)
     metrics_path = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        ckpt.load_weights(resume_from, acc.unwrap_model(model))
-        state = ckpt.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if schedule is not None:
-            schedule.load_state_dict(state["method"])
-        prog = {"run_extras": {}, "run_correct": 0} | state["progress"]  # older checkpoints lack these keys
-        _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
+    if resume_from is not None:  # older checkpoints lack some progress keys: prog's defaults stay
+        prog = prog | _restore(resume_from, acc, model, optimizer, scheduler, ema, schedule, emit)
+        if main:
+            _truncate_log(metrics_path, prog["step"])  # drop rows logged after the checkpoint
+        dist.barrier(acc)
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    saved_at = prog["step"] if resume_from is not None else None
 
     def log(row: dict[str, Any]) -> None:
         history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        _on_main(acc, lambda: _append(metrics_path, row, saved_at, run_dir))
         emit(row)
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler,
-                             dict(prog), ema=ema, method=schedule)
-        ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
+        nonlocal saved_at
+        rngs = dist.gather(acc, ckpt.rng_state())  # each process's dropout stream, to resume exactly
+        _on_main(acc, lambda: (ckpt.save_checkpoint(
+            run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog),
+            ema=ema, method=schedule, rngs=rngs), ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)))
+        saved_at = step
         emit({"kind": "checkpoint", "step": step, "path": str(run_dir / "checkpoints" / f"step-{step}")})
 
     model.train()
@@ -155,40 +165,60 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     while prog["step"] < total_steps and not stop:
         order = epoch_order(prog["epoch"])
         while prog["step"] < total_steps and not stop:
-            # ---- one optimizer step over grad_accum micro-batches ----
+            # ---- one optimizer step over grad_accum (global) micro-batches; this process's share ----
             batch_idx = range(prog["batch"], min(prog["batch"] + t.grad_accum, len(order)))
-            group_feats = [piece for j in batch_idx  # pieces bound activation memory (train.max_batch_tokens)
-                           for piece in split_by_tokens([feats[i] for i in order[j]], t.max_batch_tokens)]
-            group = [collate_any(fs, pad_id) for fs in group_feats]
-            denom = sum(task.count_items(b) for b in group)  # loss normaliser for the whole step
-            for k, (batch, batch_feats) in enumerate(zip(group, group_feats)):
+            group = [piece for j in batch_idx  # pieces bound activation memory (train.max_batch_tokens)
+                     for piece in split_by_tokens([feats[i] for i in order[j]], t.max_batch_tokens)]
+            denom, shares = _shares(group, task, pad_id, acc.process_index, size)  # denom: the step's loss normaliser
+            loss_sum, extras, tokens, correct = 0.0, {}, 0, 0
+            for k, (batch, batch_feats, weight) in enumerate(shares):
                 batch = {n: v.to(acc.device) for n, v in batch.items()}
-                # DDP: gradients all-reduce once per step, on the last micro-batch's backward.
-                with nullcontext() if k == len(group) - 1 else acc.no_sync(model):
+                # DDP: gradients all-reduce (averaged over processes) once per step, on the last micro-batch's backward.
+                with nullcontext() if k == len(shares) - 1 else acc.no_sync(model):
                     with acc.autocast(), from_frozen(batch_feats, batch):
                         out = objective(model, batch)
-                        loss = out.loss_sum / (denom if denom > 0 else 1)
+                        loss = out.loss_sum * (weight * size / (denom if denom > 0 else 1))
                         if schedule is not None:  # a per-step penalty, spread over the micro-batches
-                            loss = loss + schedule.penalty() / len(group)
+                            loss = loss + schedule.penalty() / len(shares)
                     acc.backward(loss)
-                prog["run_loss"] += float(out.loss_sum.detach())
-                prog["run_correct"] += out.correct
-                for k, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
-                    prog["run_extras"][k] = prog["run_extras"].get(k, 0.0) + v
-                tokens_seen += int(batch["attention_mask"].sum())
-            prog["run_count"] += denom
-            if t.max_grad_norm is not None:
-                acc.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
+                if k < len(shares) - 1:
+                    faults.reached("micro-batch")
+                for name, v in out.extras.items():  # e.g. DPO's implicit rewards, logged per step
+                    extras[name] = extras.get(name, 0.0) + (v if weight else 0.0)  # same keys on every process
+                if weight:
+                    loss_sum += float(out.loss_sum.detach())
+                    tokens += int(batch["attention_mask"].sum())
+                    correct += int(out.correct)
+            norm = _grad_norm(acc, params, t.max_grad_norm)  # clipped to max_grad_norm when set
+            names = sorted(extras)
+            totals = dist.sum_across(acc, [loss_sum, tokens, float(cancel is not None and cancel.is_set()), correct,
+                                           *[extras[n] for n in names]])
+            loss_sum, tokens, cancelled = totals[0], int(totals[1]), totals[2] > 0  # every process agrees
+            if math.isfinite(loss_sum) and math.isfinite(norm):
+                optimizer.step()
+                prog["bad_run"] = 0
+                prog["run_loss"] += loss_sum
+                prog["run_count"] += denom
+                prog["run_correct"] += int(totals[3])
+                for name, v in zip(names, totals[4:]):
+                    prog["run_extras"][name] = prog["run_extras"].get(name, 0.0) + v
+            else:  # skip the update on every process (the gradient norm is the all-reduced one)
+                prog["skipped"] += 1
+                prog["bad_run"] += 1
+                say(f"step {prog['step'] + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} "
+                    f"(loss {loss_sum:.4g}, gradient norm {norm:.4g}); update skipped ({prog['bad_run']} in a row, "
+                    f"{prog['skipped']} in all)")
+                if prog["bad_run"] >= t.max_bad_steps:
+                    raise NonFiniteError(_non_finite_message(prog, saved_at, run_dir, t.max_bad_steps))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if ema is not None and prog["bad_run"] == 0:
                 ema.update()
+            faults.reached("step")
             if schedule is not None and schedule.step(prog["step"] + 1, total_steps):
                 # From here on the model is the pruned one: evaluations of the unpruned diff no longer count.
                 prog.update(best_value=None, best_step=None, bad_evals=0)
-                emit({"kind": "message", "text": schedule.describe()})
-                bar.write(schedule.describe())
+                say(schedule.describe())
             prog["step"] += 1
             prog["batch"] += len(batch_idx)
             step = prog["step"]
@@ -198,11 +228,12 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                 prog.update(epoch=prog["epoch"] + 1, batch=0)
 
             # ---- logging ----
+            tokens_seen += tokens
             elapsed = time.perf_counter() - start
             if step % t.log_every == 0 or step == total_steps:
                 log({"kind": "train", "step": step, "total_steps": total_steps, "epoch": epoch_float,
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "skipped_steps": prog["skipped"],
                      **({acc_key: prog["run_correct"] / max(prog["run_count"], 1)} if acc_key else {}),
                      **{k: v / max(prog["run_count"], 1) for k, v in prog["run_extras"].items()}})
                 bar.set_postfix(loss=f"{prog['run_loss'] / max(prog['run_count'], 1):.4f}",
@@ -215,25 +246,31 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                 row: dict[str, Any] = {"kind": "eval", "step": step, "total_steps": total_steps, "epoch": epoch_float}
                 if val is not None:
                     with averaged():
-                        m = score_features(model, val.features, cfg, data.labels, pad_id, acc, frozen=frozen)
+                        m = score_features(acc.unwrap_model(model), val.features, cfg, data.labels, pad_id, acc,
+                                           frozen=frozen)
                         row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
                         improved = _improved(row[metric], prog["best_value"], greater)
                         if improved:  # the kept copy holds what was just evaluated
-                            ckpt.save_checkpoint(run_dir / "checkpoints" / "best", acc.unwrap_model(model))
+                            _on_main(acc, lambda: ckpt.save_checkpoint(run_dir / "checkpoints" / "best",
+                                                                        acc.unwrap_model(model)))
                     if improved:
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)
                     else:
                         prog["bad_evals"] += 1
                     stop = t.early_stopping_patience is not None and prog["bad_evals"] >= t.early_stopping_patience
                     row["early_stop"] = stop
-                    bar.write(file=sys.stderr, s=f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
+                    if main:
+                        bar.write(file=sys.stderr, s=f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
                 row["elapsed_s"] = round(time.perf_counter() - start, 2)  # training clock incl. evals: time-to-accuracy
                 log(row)
-                save(step)
-            elif t.save_every is not None and step % t.save_every == 0:  # between evaluations: a hard kill loses little
-                save(step)
-            if cancel is not None and cancel.is_set():  # Ctrl-C / SIGTERM / the caller: stop at this step boundary
-                if not (run_dir / "checkpoints" / f"step-{step}").is_dir():
+                if prog["bad_run"] == 0:  # in a run of skipped steps, the last good checkpoint stays the newest
+                    save(step)
+            elif t.save_every is not None and step % t.save_every == 0 and prog["bad_run"] == 0:
+                save(step)  # between evaluations: a hard kill loses little
+            # one process: a cancel that came during this step's evaluation or checkpoint counts now
+            cancelled = cancelled or (size == 1 and cancel is not None and cancel.is_set())
+            if cancelled:  # Ctrl-C / SIGTERM / the caller, on any process: stop at this step boundary
+                if saved_at != step:
                     save(step)
                 bar.close()
                 raise TrainingCancelled(f"stopped at step {step} of {total_steps}; checkpoint saved in "
@@ -244,7 +281,86 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     if ema is not None:
         ema.copy_to_params()  # the model this run hands on is the average it evaluated
     return FitResult(steps=prog["step"], best_metric=metric, best_value=prog["best_value"], best_step=prog["best_step"],
-                     stopped_early=stop, train_seconds=time.perf_counter() - start, history=history)
+                     stopped_early=stop, train_seconds=time.perf_counter() - start, history=history,
+                     skipped_steps=prog["skipped"])
+
+
+def _shares(group: list[list[dict]], task, pad_id: int, rank: int, size: int) -> tuple[float, list[tuple[dict, list[dict], float]]]:
+    """This process's share of each micro-batch of a step, collated, with its weight (1, or 0 for a
+    stand-in example when the share is empty), and the step's item count over all processes (the
+    loss normaliser). Each share is padded to its micro-batch's width, as one process pads it."""
+    denom, mine = 0.0, []
+    for feats in group:
+        width = padded_width(feats)
+        for r in range(size):
+            part = dist.shard(feats, r, size)
+            batch = collate_any(part or feats[:1], pad_id, width)
+            if part:
+                denom += task.count_items(batch)
+            if r == rank:
+                mine.append((batch, part or feats[:1], 1.0 if part else 0.0))
+    return denom, mine
+
+
+def _grad_norm(acc: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradient's total norm (after DDP's all-reduce: the same on every process), clipped when asked."""
+    if max_norm is not None:
+        return float(acc.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _on_main(acc: Accelerator, write: Callable[[], Any]) -> None:
+    """Process 0 writes; every process learns whether it failed (else the others would wait forever
+    at the next all-reduce) and raises."""
+    error: Exception | None = None
+    if acc.is_main_process:
+        try:
+            write()
+        except ckpt.CheckpointError as e:
+            error = e
+    if dist.agree(acc, error is not None):
+        raise error or ckpt.CheckpointError("process 0 could not write a checkpoint (its error says why)")
+
+
+def _restore(folder: Path, acc: Accelerator, model, optimizer, scheduler, ema, schedule, emit: EventFn) -> dict[str, Any]:
+    """Load a checkpoint into the run's objects; returns its progress."""
+    ckpt.load_weights(folder, acc.unwrap_model(model))
+    state = ckpt.load_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state.get("rng_by_rank", [state["rng"]])
+    if len(rngs) != acc.num_processes:
+        emit({"kind": "message", "text": f"the checkpoint was written by {len(rngs)} process(es), this run has "
+              f"{acc.num_processes}: same data order and weights, but dropout draws differ from the original run"})
+    ckpt.set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    if schedule is not None:
+        schedule.load_state_dict(state["method"])
+    return {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
+
+
+class NonFiniteError(TunesmithError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def _non_finite_message(prog: dict[str, Any], saved_at: int | None, run_dir: Path, limit: int) -> str:
+    last = (f"the newest checkpoint, {run_dir / 'checkpoints' / f'step-{saved_at}'}, holds the last good weights"
+            if saved_at is not None else "no checkpoint had been written yet")
+    return (f"stopped at step {prog['step'] + 1}: {limit} steps in a row had a non-finite loss or gradient norm "
+            f"(each was skipped: no update); {last}. Try a lower train.lr, train.max_grad_norm, train.precision=fp32, "
+            f"or look for extreme values in the data, then start again or --resume")
+
+
+def _append(path: Path, row: dict[str, Any], saved_at: int | None, run_dir: Path) -> None:
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # disk full, folder made read-only: say so, like a failed checkpoint
+        last = run_dir / "checkpoints" / f"step-{saved_at}" if saved_at is not None else "none yet"
+        raise ckpt.CheckpointError(f"could not append to {path}: {ckpt.os_error(e)}; the newest checkpoint ({last}) "
+                                   "is intact. Free disk space or make the folder writable, then --resume") from e
 
 
 def _truncate_log(path: Path, step: int) -> None:

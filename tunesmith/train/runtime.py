@@ -14,8 +14,37 @@ from tunesmith.models.device import (  # noqa: F401 (re-exported)
 )
 
 
+# What an `accelerate launch --config_file configs/accelerate/...` asks for, read from the environment it sets.
+SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed ZeRO", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def check_engine() -> None:
+    """Refuse, with what to do, the engines tunesmith's loop does not drive yet.
+
+    DDP (torchrun, `--nproc`, `accelerate launch` with ddp*.yaml) is verified. FSDP and DeepSpeed
+    shard what process 0 writes (trainable weights, optimizer state, the final model) and, for
+    DeepSpeed, step the optimizer inside backward, before tunesmith's accumulation and non-finite
+    check; until the gathered-checkpoint path is written and run on GPUs they stop here rather than
+    write checkpoints that do not resume. docs/DISTRIBUTED.md has the state of each.
+    """
+    import importlib.util
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
+        raise TunesmithError("this launch asks for DeepSpeed (an accelerate config with distributed_type: DEEPSPEED), "
+                             "which is not installed: install deepspeed with pip install 'tunesmith[deepspeed]', or "
+                             "launch with configs/accelerate/ddp.yaml")
+    for env, name in SHARDED_ENGINES.items():
+        if os.environ.get(env, "false").lower() == "true":
+            raise TunesmithError(f"{name} launches are not supported by tunesmith yet: its checkpoints and final model "
+                                 "are written by process 0 from whole weights, which this engine shards, so they would "
+                                 "not resume. Use data parallel (configs/accelerate/ddp.yaml, or tunesmith train --nproc "
+                                 "N); docs/DISTRIBUTED.md says what is verified and what remains")
+
+
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
     """An Accelerator for this run and the precision it uses ('bf16', 'fp16' or 'fp32')."""
+    check_engine()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg)

@@ -1,0 +1,32 @@
+"""Deliberate crashes, for the tests that prove a run survives them (tests/test_faults.py).
+
+`TUNESMITH_FAULT=POINT[:N]` kills this process with SIGKILL the N-th time (default: the first)
+the run passes POINT, so a test can stop a run exactly mid-accumulation or halfway through a
+checkpoint write, where a kill from outside would land there only by luck. Unset (always, outside
+the tests), `reached` is one dictionary lookup. The points:
+
+    micro-batch       after a micro-batch's backward, before the optimizer step (mid-accumulation)
+    step              after the optimizer step, before the step is counted or checkpointed
+    checkpoint-write  inside a checkpoint write: weights written, state and completion marker not yet
+    eval              inside an evaluation, after its first batch
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "TUNESMITH_FAULT"
+POINTS = ("micro-batch", "step", "checkpoint-write", "eval")
+_passed: dict[str, int] = {}
+
+
+def reached(point: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name != point:
+        return
+    _passed[point] = _passed.get(point, 0) + 1
+    if _passed[point] == int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
