@@ -66,6 +66,24 @@ class Sums:
         """The objective's per-unit rows, in the order the features were added."""
         return {k: torch.cat(v).tolist() for k, v in self.rows.items()}
 
+    @classmethod
+    def merged(cls, parts: list["Sums"]) -> "Sums":
+        """The sums of several processes' shares of one evaluation (every metric is order-free)."""
+        out = cls()
+        for p in parts:
+            out.loss += p.loss
+            out.count += p.count
+            out.items += p.items
+            out.correct += p.correct
+            for k, v in p.extras.items():
+                out.extras[k] = out.extras.get(k, 0.0) + v
+            out.outputs += p.outputs
+            out.targets += p.targets
+            for k, v in p.rows.items():  # per-unit rows and their feature indices, in the same order
+                out.rows.setdefault(k, []).extend(v)
+            out.order += p.order
+        return out
+
 
 # A row group: per-unit scores from which a metric can be recomputed on any resample of the units
 # (evaluate/stats.py: intervals, paired tests). {"name", "unit", "keys": one id per unit (equal
@@ -97,24 +115,6 @@ def lm_rows(s: Sums, labels) -> RowGroup:
     return {"columns": s.row_columns(), "metrics": {
         "loss": ["ratio", "loss", "tokens"], "perplexity": ["exp_ratio", "loss", "tokens"],
         "token_accuracy": ["ratio", "correct", "tokens"]}}
-
-    @classmethod
-    def merged(cls, parts: list["Sums"]) -> "Sums":
-        """The sums of several processes' shares of one evaluation (every metric is order-free)."""
-        out = cls()
-        for p in parts:
-            out.loss += p.loss
-            out.count += p.count
-            out.items += p.items
-            out.correct += p.correct
-            for k, v in p.extras.items():
-                out.extras[k] = out.extras.get(k, 0.0) + v
-            out.outputs += p.outputs
-            out.targets += p.targets
-            for k, v in p.rows.items():  # per-unit rows and their feature indices, in the same order
-                out.rows.setdefault(k, []).extend(v)
-            out.order += p.order
-        return out
 
 
 @dataclass(frozen=True)
