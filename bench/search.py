@@ -11,6 +11,9 @@ Three arms on `configs/sentiment-lora.yaml` (MiniLM + LoRA), each a `run_search`
      trial, in optimizer steps; trials that started before the budget ran out finish);
   3. the same search (same seed, as many trials as arm 2 ran) without pruning.
 
+A study already finished in --work is reused (a rerun of a study continues it; a finished one
+only reports), so `--work DIR --pruner asha` after a median run trains only the new arms.
+
 Every trial evaluates twice an epoch on the validation split (keep-best; the pruner's input).
 Each arm's best trial (by validation accuracy) is then scored on the held-out test reviews,
 which no trial saw. Compute is counted in optimizer steps (all steps a trial trained, pruned or
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import sys
 import time
@@ -80,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = QUICK if args.quick else FULL
     threads = args.threads or (1 if args.quick else None)
-    out = args.out or ROOT / "bench" / "results" / f"search{'-quick' if args.quick else ''}.json"
+    out = args.out or ROOT / "bench" / "results" / f"search{'-quick' if args.quick else ''}-{args.pruner}.json"
     import tempfile
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -94,14 +98,14 @@ def main() -> None:
           "data.max_length": sizes["max_length"], "train.batch_size": sizes["batch"],
           "train.eval_every": max(1, steps_per_epoch // 2), "eval.samples": [], "eval.num_samples": 0,
           **({"model.name_or_path": args.model} if args.model else {})}
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()
     grid = arm("grid", grid_space, work, ov, threads, sampler="grid", pruner="none")
     full_trial = grid["steps"] / grid["trials"]  # the grid's mean trial, in steps
     budget = round(8 * full_trial)
-    pruned = arm("search-pruned", search_space, work, ov, threads, trials=100, pruner=args.pruner, budget_steps=budget,
-                 seed=args.seed)
-    unpruned = arm("search-unpruned", search_space, work, ov, threads, trials=pruned["trials"], pruner="none",
-                   seed=args.seed)
+    pruned = arm(f"search-{args.pruner}", search_space, work, ov, threads, trials=100, pruner=args.pruner,
+                 budget_steps=budget, seed=args.seed)
+    unpruned = arm(f"search-none-{pruned['trials']}", search_space, work, ov, threads, trials=pruned["trials"],
+                   pruner="none", seed=args.seed)
     arms = [grid, pruned, unpruned]
     for a in arms:
         a["best_test_accuracy"] = test_accuracy(a["best"]["run_dir"], test)
@@ -120,6 +124,7 @@ def main() -> None:
     }
     result = {"quick": args.quick, "sizes": sizes, "pruner": args.pruner, "seed": args.seed, "threads": threads,
               "full_trial_steps": full_trial, "budget_steps": budget, "wall_seconds": round(time.perf_counter() - t0),
+              "load_average_start": load_start, "load_average_end": os.getloadavg(), "cpus": os.cpu_count(),
               "arms": arms, "ratios": ratios}
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\n| arm | trials (complete/pruned/failed) | steps | full-trial equiv. | trial s | best validation acc | "

@@ -182,9 +182,11 @@ def test_search_prunes_reports_and_its_best_config_reproduces_the_trial(tmp_path
     # the same command again: the study is finished, nothing runs twice
     again_result = run_search(cfg, space, trials=6, sampler="random", seed=3, pruner="median")
     assert again_result.table == result.table
-    # ... but a changed config is not mixed into it
+    # ... but a changed config, or another pruner, is not mixed into it
     with pytest.raises(Exception, match="was made with another config or space"):
         run_search(cfg, space, trials=6, overrides={"train.batch_size": 4})
+    with pytest.raises(Exception, match="was made with --sampler random, --pruner median"):
+        run_search(cfg, space, trials=6, sampler="random", pruner="asha")
 
 
 def test_a_crashed_trial_fails_alone_and_an_invalid_one_says_why(tmp_path, tiny_bert, data):

@@ -101,7 +101,8 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
     search_dir = Path(out) if out else Path(cfg.output.dir.format(name=name))
     store = open_storage(storage, search_dir)
     setup = {"config": {k: v for k, v in base.items() if k != "output"}, "space": space.as_dict()}
-    st = open_study(store, name, direction, _sampler(sampler, seed), _pruner(pruner), slots, setup)
+    st = open_study(store, name, direction, _sampler(sampler, seed), _pruner(pruner), slots, setup,
+                    {"sampler": sampler, "pruner": pruner})
     search_dir.mkdir(parents=True, exist_ok=True)
     say(f"search {name}: {len(slots)} trials ({sampler}, pruner {pruner}) over {', '.join(space.names())} "
         f"from {space.source}; objective: validation {metric} ({direction}); storage {describe_storage(store)}; "

@@ -35,7 +35,7 @@ HEARTBEAT_S = 10  # a running trial's owner touches it this often (databases)
 GRACE_S = 60  # ... and it is dead after this long without a touch
 MAX_RETRIES = 2  # a trial that kills its search again and again fails for good after this many retries
 READY_WAIT_S = 120  # a process that finds the study being created waits this long for its slots
-TRIALS_ATTR, SETUP_ATTR = "tunesmith:trials", "tunesmith:setup"
+TRIALS_ATTR, SETUP_ATTR, STRATEGY_ATTR = "tunesmith:trials", "tunesmith:setup", "tunesmith:strategy"
 
 
 def open_storage(url: str | None, search_dir: Path) -> BaseStorage:
@@ -90,11 +90,12 @@ def storage_of(study: optuna.Study) -> tuple[BaseStorage, int]:
 
 
 def open_study(storage: BaseStorage, name: str, direction: str, sampler, pruner, slots: list[dict[str, Any]],
-               setup: dict[str, Any]) -> optuna.Study:
+               setup: dict[str, Any], strategy: dict[str, Any]) -> optuna.Study:
     """Create the study with its slots (each a dict of fixed params, {} to sample), or load it.
 
-    `setup` (the base config and the space) is stored with a new study; loading a study made
-    with a different setup is an error, so one study never mixes trials that cannot be compared.
+    `setup` (the base config and the space) and `strategy` (sampler and pruner) are stored with a
+    new study; loading a study made with others is an error, so one study never mixes trials that
+    cannot be compared, and a rerun never passes off old results as a new strategy's.
     Asking for more slots than the study has adds the difference.
     """
     try:
@@ -102,27 +103,32 @@ def open_study(storage: BaseStorage, name: str, direction: str, sampler, pruner,
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        _check_same(study, name, direction, setup)
+        _check_same(study, name, direction, setup, strategy)
         _wait_ready(study, name, slots)
         return study
     study.set_user_attr(SETUP_ATTR, setup)
+    study.set_user_attr(STRATEGY_ATTR, strategy)
     for params in slots:
         study.enqueue_trial(params)
     study.set_user_attr(TRIALS_ATTR, len(slots))  # last: other processes wait for it
     return study
 
 
-def _check_same(study: optuna.Study, name: str, direction: str, setup: dict[str, Any]) -> None:
+def _check_same(study: optuna.Study, name: str, direction: str, setup: dict[str, Any],
+                strategy: dict[str, Any]) -> None:
     if study.direction.name.lower() != direction:
         raise TunesmithError(f"study {name} {study.direction.name.lower()}s its objective; this search would "
                              f"{direction} it: use another --study")
-    stored = study.user_attrs.get(SETUP_ATTR)
-    if stored is None:
-        return  # made by an older tunesmith, or its creator died before writing it
-    changed = sorted(k for k in set(_flat(stored)) | set(_flat(setup)) if _flat(stored).get(k) != _flat(setup).get(k))
+    stored = study.user_attrs.get(SETUP_ATTR)  # None: its creator died before writing it
+    old, new = _flat(stored or {}), _flat(setup)
+    changed = [] if stored is None else sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise TunesmithError(f"study {name} was made with another config or space (differs in {', '.join(changed[:8])}"
                              f"{' ...' if len(changed) > 8 else ''}); rerun with the same settings, or use another --study")
+    made = study.user_attrs.get(STRATEGY_ATTR)
+    if made is not None and made != strategy:
+        raise TunesmithError(f"study {name} was made with " + ", ".join(f"--{k} {v}" for k, v in made.items())
+                             + "; rerun with those, or use another --study")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
