@@ -118,7 +118,7 @@ def estimate(cfg: RunConfig, shape: dict[str, int], train_lengths: list[int], ev
     peak_mb = OVERHEAD_MB + (weight_bytes + state + batch_tokens * per_token) / 2 ** 20
     return {"train_tokens_per_epoch": round(tokens), "epochs": round(epochs, 3), "eval_tokens": eval_tokens,
             "tflop": round((train_flops + eval_flops) / 1e12, 2), "device": device,
-            "matmul_gflops": round(gflops, 1), "assumed_mfu": MFU_CPU, "seconds": round(seconds, 1),
+            "matmul_gflops": round(gflops, 1), "assumed_mfu": MFU_CPU, "seconds": float(f"{seconds:.3g}"),  # 3 significant digits: a tiny run is not 0 s
             "peak_memory_mb": round(peak_mb), "longest_batch_tokens": batch_tokens,
             "calibrated": device == "cpu",
             "basis": "FLOPs / (measured matmul GFLOP/s x utilisation); memory: overhead + weights + optimizer "
