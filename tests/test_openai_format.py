@@ -124,10 +124,13 @@ def test_data_check_runs_the_same_checks(tmp_path, tiny_llama, capsys):
     rows[2] = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "a"}]}
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     report = check_data(path, None, [f"--model.name_or_path={tiny_llama}"])
-    assert report["problems"] == [f"{path}:line 3: field 'messages[1].role': [unrecognized_role] role 'bot' is not "
-                                  "one of system, user, assistant, function, tool, developer",
-                                  f"{path}:line 3: field 'messages': [example_missing_assistant_message] no message "
-                                  "has role 'assistant' (nothing to learn)"]
+    assert report["problems"][:2] == [f"{path}:line 3: field 'messages[1].role': [unrecognized_role] role 'bot' is not "
+                                      "one of system, user, assistant, function, tool, developer",
+                                      f"{path}:line 3: field 'messages': [example_missing_assistant_message] no message "
+                                      "has role 'assistant' (nothing to learn)"]
+    # and data check's own size rule (issue 23: under 10 examples is an error) counts the 9 valid ones
+    assert report["problems"][2:] == ["only 9 valid training example(s); fine-tuning needs at least 10 (and shows "
+                                      "gains from 50-100)"]
     assert report["rows"] == 10 and report["valid_rows"] == 9 and report["task"] == "sft"
     assert any("needs at least 10" in w for w in report["warnings"])  # 9 valid: a warning, not a problem
     prefs = write_jsonl(tmp_path / "p.jsonl", [dpo(f"q{i}", f"good {i}", "bad") for i in range(10)]
