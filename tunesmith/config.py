@@ -646,7 +646,7 @@ def _absolute(field: str, value: Any, base: Path) -> Any:
     return os.path.normpath(here if here.exists() or not cwd.exists() else cwd)  # no 'a/../b'; symlinks kept
 
 
-def _field_info(dotted: str):
+def field_info(dotted: str):
     """The pydantic FieldInfo of a dotted name ('train.epochs'), or None."""
     model: type[BaseModel] = RunConfig
     info = None
@@ -661,7 +661,7 @@ def _field_info(dotted: str):
 
 def _as_list_if_wanted(dotted: str, value: Any) -> Any:
     """`--method.target_modules=query,value` means the list [query, value] for a field that takes a list."""
-    info = _field_info(dotted)
+    info = field_info(dotted)
     if info is None or not isinstance(value, str) or "," not in value:
         return value
     if "list[" not in str(info.annotation):
@@ -670,7 +670,7 @@ def _as_list_if_wanted(dotted: str, value: Any) -> Any:
 
 
 def _names_in(dotted_prefix: str) -> list[str]:
-    info = _field_info(dotted_prefix) if dotted_prefix else None
+    info = field_info(dotted_prefix) if dotted_prefix else None
     model = RunConfig if info is None else info.annotation
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
@@ -702,7 +702,7 @@ def _explain_errors(e: ValidationError, from_overrides: set[str]) -> list[str]:
         loc = [str(p) for p in err["loc"]]
         # The field is the longest prefix of loc that names a config field; the rest are union branches.
         n = len(loc)
-        while n > 0 and _field_info(".".join(loc[:n])) is None and err["type"] != "extra_forbidden":
+        while n > 0 and field_info(".".join(loc[:n])) is None and err["type"] != "extra_forbidden":
             n -= 1
         by_field.setdefault(".".join(loc[:n]) if n else ".".join(loc), []).append(err)
     lines = []
@@ -719,8 +719,8 @@ def _explain_errors(e: ValidationError, from_overrides: set[str]) -> list[str]:
             hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else \
                 f"; {section or 'the top level'} has: {', '.join(_names_in(section))}"
             lines.append(f"  - {name}: unknown field{where}{hint}")
-        elif len(errs) > 1 and _field_info(name) is not None:
-            words = " or ".join(dict.fromkeys(_type_words(_field_info(name).annotation)))
+        elif len(errs) > 1 and field_info(name) is not None:
+            words = " or ".join(dict.fromkeys(_type_words(field_info(name).annotation)))
             lines.append(f"  - {name}: expected {words}, got {err.get('input')!r}{where}")
         else:
             lines.append(f"  - {name}: {err['msg'].removeprefix('Value error, ')}{where}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from tunesmith.config import RunConfig, load_config
+from tunesmith.config import RunConfig, field_info, load_config
 from tunesmith.errors import ConfigError
 
 Kind = Literal["float", "int", "categorical"]
@@ -269,16 +269,11 @@ def parse_space(tree: dict[str, Any], source: str, lines: dict[str, int] | None 
 
 
 def _field(dotted: str):
-    """The pydantic field of a dotted config path, or None when there is no such field."""
-    model: type[BaseModel] | None = RunConfig
-    info = None
-    for part in dotted.split("."):
-        if model is None or part not in model.model_fields:
-            return None
-        info = model.model_fields[part]
-        ann = info.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return None if model is not None else info  # a section is not a field
+    """The pydantic field of a dotted config path, or None when there is no such field (a section,
+    such as `train`, is not a field)."""
+    info = field_info(dotted)
+    ann = info.annotation if info is not None else None
+    return None if isinstance(ann, type) and issubclass(ann, BaseModel) else info
 
 
 def _param(name: str, spec: Any, line: int | None) -> Param:
