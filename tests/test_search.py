@@ -268,3 +268,32 @@ def test_the_shipped_space_file_fits_its_config():
     space = load_space(root / "configs" / "search" / "sentiment-lora.yaml")
     assert space.names()[0] == "train.lr"
     space.check(root / "configs" / "sentiment-lora.yaml", {})
+
+
+def _open_storage_in_child(url: str, folder: str, q) -> None:
+    from tunesmith.search.study import open_storage
+
+    try:
+        open_storage(url, Path(folder))
+        q.put("ok")
+    except Exception as e:  # reported to the parent, which fails the test with it
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_fresh_postgresql_study_at_once_all_succeed(tmp_path):
+    """Every process of a shared search opens the storage at the same moment; on an empty database
+    they race to create optuna's tables, and the losers must retry, not crash."""
+    import multiprocessing as mp
+
+    from tests.pg import temp_database
+
+    ctx = mp.get_context("spawn")
+    with temp_database("ts_search_race") as url:
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_open_storage_in_child, args=(url, str(tmp_path), q)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+    assert results == ["ok"] * 4, results

@@ -65,13 +65,22 @@ def open_storage(url: str | None, search_dir: Path) -> BaseStorage:
                              "or a journal FILE.log")
     import sqlalchemy.exc
 
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna since 2.8; pinned 5.0.0
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=retry_dead_trial)
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as e:
-        raise TunesmithError(f"--storage {given or url}: cannot open it: {str(e).splitlines()[0]}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna since 2.8; pinned 5.0.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=retry_dead_trial)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Two processes starting on a fresh database both create optuna's tables; PostgreSQL lets
+            # one win and the other fails on a duplicate type or version row. The tables exist now,
+            # so a second try finds them (the search's other processes start at the same moment).
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as e:
+            raise TunesmithError(f"--storage {given or url}: cannot open it: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
 
 
 def describe_storage(storage: BaseStorage) -> str:
