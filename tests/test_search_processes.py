@@ -109,7 +109,9 @@ def test_two_processes_on_one_postgresql_study_share_its_trials(tmp_path, tiny_s
         common = [str(cfg), "--space", str(space), "--trials", "6", "--storage", url, "--study", "shared",
                   "--sampler", "random", "--pruner", "none", "--train.epochs=2"]
         logs = [tmp_path / "a.log", tmp_path / "b.log"]
-        procs = [search(common + ["--seed", str(i)], log) for i, log in enumerate(logs)]
+        folders = [tmp_path / "runs" / "a", tmp_path / "runs" / "b"]  # each process reports on its own
+        procs = [search(common + ["--seed", str(i), "--out", str(f)], log)
+                 for i, (log, f) in enumerate(zip(logs, folders))]
         for p, log in zip(procs, logs):
             wait(p, log)
         storage = optuna.storages.RDBStorage(url.replace("postgresql://", "postgresql+psycopg://"))
@@ -119,12 +121,14 @@ def test_two_processes_on_one_postgresql_study_share_its_trials(tmp_path, tiny_s
         assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state) for t in trials]
         owners = {t.user_attrs["owner"]["pid"] for t in trials}
         assert owners == {p.pid for p in procs}, "both processes should have run trials"
-        folder = tmp_path / "runs" / "shared"
         for t in trials:  # each trial trained once: one run folder, one data line in its log
-            log = (folder / "trials" / f"trial-{t.number:04d}.log").read_text()
+            logs = [f / "trials" / f"trial-{t.number:04d}.log" for f in folders]
+            assert sum(p.exists() for p in logs) == 1, t.number
+            log = next(p for p in logs if p.exists()).read_text()
             assert log.count("data: format classification") == 1, t.number
-        md = (folder / "results.md").read_text()
-        assert "6 trials: 6 complete" in md, md
+        for f in folders:  # whichever process ends first waits for the other's trials: both report all six
+            md = (f / "results.md").read_text()
+            assert "6 trials: 6 complete" in md, md
     finally:
         with psycopg.connect(f"{PG}/test", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

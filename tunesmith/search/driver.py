@@ -111,9 +111,15 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
     job = _Job(config, base_ov, base, space, st, search_dir, metric, greater, sampler == "grid", budget_steps,
                threads or max(1, (os.cpu_count() or 1) // parallel), cancel or threading.Event(), say,
                on_event or (lambda e: None))
-    job.run(parallel)
-    if retrain:
+    # Other processes of a shared study may still be running trials: every process's table, best
+    # config and retrain are of the whole study, so none finishes before the study does; a trial
+    # whose process died meanwhile is queued again, and whoever is still here runs it.
+    while True:
+        job.run(parallel)
         _wait_for_others(st, say, job.cancel)
+        spent = budget_steps is not None and _spent(st)[0] >= budget_steps
+        if job.cancel.is_set() or spent or not st.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
     result = _finish(job, config, cfg, name, store, direction)
     if retrain and result.best is not None and not job.cancel.is_set():
         result.retrain = _retrain(job, result)
@@ -303,7 +309,7 @@ def _spent(study: optuna.Study) -> tuple[int, float]:
 
 
 def _wait_for_others(study: optuna.Study, say: Callable[[str], None], cancel: threading.Event) -> None:
-    """Before a retrain: other processes may still be running trials of this study."""
+    """Until no trial of the study runs (other processes' included; dead ones are queued again)."""
     told = False
     while not cancel.is_set():
         recover_dead_trials(study)
@@ -311,7 +317,7 @@ def _wait_for_others(study: optuna.Study, say: Callable[[str], None], cancel: th
         if not running:
             return
         if not told:
-            say(f"waiting for {len(running)} trial(s) of other processes before the retrain")
+            say(f"waiting for {len(running)} trial(s) of other processes to finish")
             told = True
         time.sleep(5)
 
