@@ -297,3 +297,51 @@ def test_processes_opening_a_fresh_postgresql_study_at_once_all_succeed(tmp_path
         for p in procs:
             p.join(30)
     assert results == ["ok"] * 4, results
+
+
+def test_further_objectives_give_the_pareto_front_and_its_configs(tmp_path, tiny_bert, data):
+    """--also: the study has two objectives (validation loss, training time); the trials marked
+    `pareto` are exactly those no other trial beats on both, each with a config that trains."""
+    from tunesmith.search import run_search
+
+    cfg = write_config(tmp_path, tiny_bert, data, epochs=1)
+    space = write_space(tmp_path, "train.lr: {low: 1.0e-5, high: 3.0e-2, log: true}\n"
+                        "train.batch_size: [4, 8, 16]\n")
+    msgs = []
+    result = run_search(cfg, space, trials=5, sampler="random", seed=1, also=["train_seconds"],
+                        on_event=lambda e: msgs.append(e.get("text", "")))
+    assert any("pruner median off" in m for m in msgs)  # optuna cannot prune several objectives
+    done = [r for r in result.table if r["state"] == "complete"]
+    assert len(done) == 5 and all(r["train_seconds"] > 0 for r in done), result.table
+    dominated = {r["trial"] for r in done for o in done
+                 if o["loss"] <= r["loss"] and o["train_seconds"] <= r["train_seconds"]
+                 and (o["loss"], o["train_seconds"]) != (r["loss"], r["train_seconds"])}
+    front = {r["trial"] for r in done} - dominated
+    assert {r["trial"] for r in done if r["pareto"] == "yes"} == front
+    assert {f["trial"] for f in result.front} == front and result.best is None
+    sd = result.search_dir
+    assert sorted(p.name for p in (sd / "pareto").iterdir()) == [f"trial-{n:04d}.yaml" for n in sorted(front)]
+    assert (sd / "pareto_front.png").is_file() and not (sd / "best.yaml").exists()
+    md = (sd / "results.md").read_text()
+    assert "Pareto front" in md and "train_seconds (minimize)" in md
+    for f in result.front:  # each front config is the trial's own: same parameters, a valid config
+        y = yaml.safe_load(f["config"].read_text())
+        assert y["train"]["batch_size"] == f["params"]["train.batch_size"]
+    # the same study with another objective set is refused, not mixed
+    with pytest.raises(Exception, match="another metric or --also"):
+        run_search(cfg, space, trials=5, sampler="random", seed=1, pruner="none")
+
+
+@pytest.mark.parametrize("also, retrain, match", [
+    (["accuracy_of_vibes"], False, "unknown measure; choose from forgetting_perplexity"),
+    (["forgetting_perplexity"], False, "task classification does not generate text"),
+    (["train_seconds", "train_seconds"], False, "already an objective"),
+    (["peak_rss_mb"], True, "--retrain takes the one best trial"),
+])
+def test_bad_further_objectives_fail_before_any_trial(tmp_path, tiny_bert, data, also, retrain, match):
+    from tunesmith.search import run_search
+
+    cfg = write_config(tmp_path, tiny_bert, data)
+    with pytest.raises(ConfigError, match=match):
+        run_search(cfg, trials=2, also=also, retrain=retrain)
+    assert not (tmp_path / "runs" / "tiny-search" / "trials").exists()

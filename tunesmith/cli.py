@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--retrain", action="store_true", help="then train the best config on train+validation and "
                     "score it on the test split")
     se.add_argument("--out", help="search folder (default: the config's output.dir with the study's name)")
+    se.add_argument("--also", action="append", metavar="MEASURE", help="a further objective beside the validation "
+                    "metric (repeatable): forgetting_perplexity, general_qa_accuracy (generative tasks), train_seconds, "
+                    "peak_rss_mb; the search then reports its Pareto front (pareto/trial-N.yaml), without pruning")
 
     se = sub.add_parser("service", help="a self-hosted fine-tuning service speaking OpenAI's fine-tuning API (files, "
                         "jobs, events, checkpoints) that also serves the models it trains")
@@ -439,7 +442,7 @@ def _search(args, rest: list[str]) -> int:
         run_search(args.config, args.space, trials=args.trials, parallel=args.parallel, storage=args.storage,
                    study=args.study, sampler=args.sampler, pruner=args.pruner, budget_steps=args.budget_steps,
                    seed=args.seed, retrain=args.retrain, out=args.out, overrides=rest, threads=args.threads,
-                   cancel=cancel, echo=True)
+                   also=args.also, cancel=cancel, echo=True)
     except TrainingCancelled as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from tunesmith.config import RunConfig, check_inputs_exist, load_config, parse_overrides
 from tunesmith.errors import ConfigError, TrainingCancelled, TunesmithError
-from tunesmith.search import report
+from tunesmith.search import objectives, report
 from tunesmith.search.runner import TrialRun, run_trial, start_server
 from tunesmith.search.space import Space, decode_params, default_space, load_space
 from tunesmith.search.study import (Heartbeat, describe_storage, interrupted, open_storage, open_study,
@@ -43,7 +43,7 @@ class SearchResult:
     metric: str
     direction: str
     table: list[dict[str, Any]]
-    best: dict[str, Any] | None  # trial, value, params, run_dir, test_value
+    best: dict[str, Any] | None  # trial, value, params, run_dir, test_value (one objective)
     best_config: Path | None
     counts: dict[str, int]  # complete / pruned / fail, over the trials that count
     steps: int  # optimizer steps trained by all trials (compute spent)
@@ -51,14 +51,15 @@ class SearchResult:
     plots: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     retrain: dict[str, Any] | None = None  # the retrained run's summary (test metrics)
+    front: list[dict[str, Any]] = field(default_factory=list)  # with --also: the Pareto front's trials, each with its config
 
 
 def run_search(config: str | Path | dict, space: str | Path | Space | None = None, *, trials: int | None = None,
                parallel: int = 1, storage: str | None = None, study: str | None = None, sampler: Sampler = "tpe",
                pruner: Pruner = "median", budget_steps: int | None = None, seed: int | None = None,
                retrain: bool = False, out: str | Path | None = None, overrides: dict | list[str] | None = None,
-               threads: int | None = None, on_event: EventFn | None = None, cancel: threading.Event | None = None,
-               echo: bool = False) -> SearchResult:
+               threads: int | None = None, also: list[str] | None = None, on_event: EventFn | None = None,
+               cancel: threading.Event | None = None, echo: bool = False) -> SearchResult:
     """Search hyperparameters of a run config.
 
     Args:
@@ -73,6 +74,8 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
         retrain: train the best trial's config on train+validation and score it on test.
         out: the search folder (default: the config's output.dir with the study's name).
         threads: torch threads per trial (default: the cores divided among `parallel` trials).
+        also: further objectives (search/objectives.py: forgetting, cost): the study becomes
+            multi-objective and reports its Pareto front; Optuna cannot prune such a study.
         on_event: called with {"kind": "message", "text"}, {"kind": "trial", "trial", "state", ...} as a
             trial starts and ends, and each trial's validation rows ({"kind": "eval", "trial", ...}).
         cancel: when set, the running trials stop at their next step and are queued again.
@@ -91,7 +94,15 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
     if parallel < 1:
         raise TunesmithError(f"--parallel: expected 1 or more, got {parallel}")
     metric, greater = cfg.best_metric()
-    direction = "maximize" if greater else "minimize"
+    extra = objectives.check(cfg, also or [])
+    directions = ["maximize" if g else "minimize" for g in (greater, *(g for _, g in extra))]
+    direction = directions[0]
+    if extra and retrain:
+        raise ConfigError("--retrain takes the one best trial; with --also the search finds a front of them: "
+                          "train the one you choose (pareto/trial-N.yaml) on train+validation yourself")
+    if extra and pruner != "none":
+        say(f"pruner {pruner} off: Optuna cannot prune a search with several objectives")
+        pruner = "none"
     space = space if isinstance(space, Space) else load_space(space) if space else default_space(cfg.method.name)
     space.check(config, base_ov)
     start_server()  # the trial processes' imports (~15 s on a busy 2-core machine) while we set up
@@ -101,16 +112,17 @@ def run_search(config: str | Path | dict, space: str | Path | Space | None = Non
     search_dir = Path(out) if out else Path(cfg.output.dir.format(name=name))
     store = open_storage(storage, search_dir)
     setup = {"config": {k: v for k, v in base.items() if k != "output"}, "space": space.as_dict()}
-    st = open_study(store, name, direction, _sampler(sampler, seed), _pruner(pruner), slots, setup,
+    st = open_study(store, name, directions, _sampler(sampler, seed), _pruner(pruner), slots, setup,
                     {"sampler": sampler, "pruner": pruner})
     search_dir.mkdir(parents=True, exist_ok=True)
     say(f"search {name}: {len(slots)} trials ({sampler}, pruner {pruner}) over {', '.join(space.names())} "
-        f"from {space.source}; objective: validation {metric} ({direction}); storage {describe_storage(store)}; "
+        f"from {space.source}; objective: validation {metric} ({direction})"
+        + "".join(f", {n} ({d})" for (n, _), d in zip(extra, directions[1:])) + f"; storage {describe_storage(store)}; "
         f"folder {search_dir}")
 
     job = _Job(config, base_ov, base, space, st, search_dir, metric, greater, sampler == "grid", budget_steps,
                threads or max(1, (os.cpu_count() or 1) // parallel), cancel or threading.Event(), say,
-               on_event or (lambda e: None))
+               on_event or (lambda e: None), [n for n, _ in extra])
     # Other processes of a shared study may still be running trials: every process's table, best
     # config and retrain are of the whole study, so none finishes before the study does; a trial
     # whose process died meanwhile is queued again, and whoever is still here runs it.
@@ -194,6 +206,7 @@ class _Job:
     cancel: threading.Event
     say: Callable[[str], None]
     emit: EventFn
+    also: list[str]  # further objectives (empty: one objective, pruning as configured)
     errors: list[BaseException] = field(default_factory=list)
 
     def run(self, parallel: int) -> None:
@@ -257,7 +270,8 @@ class _Job:
                 self.emit({"kind": "trial", "trial": trial.number, "state": "running", "pid": pid, "params": params})
 
             run = run_trial(self.config, ov, run_dir.with_suffix(".log"), metric=self.metric, greater=self.greater,
-                            report=lambda value, k: _report(trial, value, k), cancel=self.cancel, threads=self.threads,
+                            report=None if self.also else lambda value, k: _report(trial, value, k),
+                            cancel=self.cancel, threads=self.threads,
                             on_start=started, on_eval=lambda row: self.emit({**row, "trial": trial.number}))
             self._end(trial, run, shown)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the trial's model is saved beside them
@@ -277,10 +291,14 @@ class _Job:
         if run.outcome == "complete" and run.value is None:
             run.outcome, run.detail = "crashed", "no validation metric in the run"
             trial.set_user_attr("detail", run.detail)
+        more = objectives.values(s, self.also) if run.outcome == "complete" else []
+        if isinstance(more, str):
+            run.outcome, run.detail = "crashed", more
+            trial.set_user_attr("detail", run.detail)
         if run.outcome == "interrupted":
             interrupted(self.study, trial._trial_id, run.detail)
         elif run.outcome == "complete":
-            self.study.tell(trial, run.value)
+            self.study.tell(trial, [run.value, *more] if self.also else run.value)
         elif run.outcome == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -325,13 +343,16 @@ def _wait_for_others(study: optuna.Study, say: Callable[[str], None], cancel: th
 def _finish(job: _Job, config, cfg: RunConfig, name: str, store, direction: str) -> SearchResult:
     """The table, the plots and the best config, from every trial in the study (all processes')."""
     st, metric = job.study, job.metric
-    table = report.rows(st, metric)
+    table = report.rows(st, metric, job.also)
     trials = st.get_trials(deepcopy=False)
     kept = report.counted(trials)
     counts = {s: sum(t.state.name.lower() == s for t in kept) for s in ("complete", "pruned", "fail", "running")}
     steps, seconds = _spent(st)
-    best, best_path, plots, notes = None, None, [], []
-    if counts["complete"]:
+    best, best_path, plots, notes, front = None, None, [], [], []
+    if counts["complete"] and job.also:
+        front = _write_front(job, config, name)
+        plots, notes = report.plot(st, job.search_dir, metric, job.also)
+    elif counts["complete"]:
         bt = st.best_trial
         params = decode_params(bt.params)
         best = {"trial": bt.number, "value": bt.value, "params": params, "run_dir": bt.user_attrs.get("run_dir"),
@@ -349,14 +370,42 @@ def _finish(job: _Job, config, cfg: RunConfig, name: str, store, direction: str)
     header = (f"# search {name}\n\n{len(kept)} trials: {counts['complete']} complete, {counts['pruned']} pruned, "
               f"{counts['fail']} failed" + (f", {counts['running']} running" if counts["running"] else "")
               + f"; {steps} training steps, {seconds:.0f} s of trial processes. Objective: validation {metric} "
-              f"({direction}), the run's keep-best value.")
+              f"({direction}), the run's keep-best value" + "".join(f"; {n} ({d.name.lower()})" for n, d in
+                                                                   zip(job.also, st.directions[1:])) + ".")
     if best:
         header += f"\n\nBest: trial {best['trial']}, {metric} {best['value']:.4f}; config {best_path}"
+    if front:
+        header += (f"\n\nPareto front ({len(front)} trials no other trial beats on every objective; column `pareto`): "
+                   + "; ".join(f"trial {f['trial']}: " + ", ".join(f"{k} {v:.4g}" for k, v in f["values"].items())
+                               + f" ({f['config']})" for f in front))
     report.write_tables(table, job.search_dir, header)
     job.say("\n" + header.removeprefix("# ") + "\n\n" + report.markdown(table) + "\n" + "\n".join(notes)
             + f"\nresults: {job.search_dir / 'results.md'}")
     return SearchResult(name, job.search_dir, describe_storage(store), metric, direction, table, best, best_path,
-                        counts, steps, seconds, plots, notes)
+                        counts, steps, seconds, plots, notes, front=front)
+
+
+def _write_front(job: _Job, config, name: str) -> list[dict[str, Any]]:
+    """pareto/trial-N.yaml for each trial of the Pareto front (a fresh folder: a trial that left the
+    front as the study grew leaves no stale config behind)."""
+    folder = job.search_dir / "pareto"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    front = []
+    for t in sorted(job.study.best_trials, key=lambda t: t.number):
+        params = decode_params(t.params)
+        dump = load_config(config, {**job.base_ov, **params}).model_dump(mode="json")
+        dump["output"] = {**dump["output"], "name": f"{name}-trial-{t.number}", "overwrite": False}
+        path = folder / f"trial-{t.number:04d}.yaml"
+        values = dict(zip([job.metric, *job.also], t.values))
+        report.write_best_config(dump, path, [
+            f"tunesmith train {path}",
+            f"Trial {t.number} of search {name}, on its Pareto front: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            + f"; {', '.join(f'{k}={_short(v)}' for k, v in params.items())}."])
+        front.append({"trial": t.number, "values": values, "params": params, "config": path,
+                      "run_dir": t.user_attrs.get("run_dir")})
+    return front
 
 
 def _retrain(job: _Job, result: SearchResult) -> dict[str, Any]:

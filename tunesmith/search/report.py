@@ -37,17 +37,23 @@ def detail(t: FrozenTrial, trials: list[FrozenTrial]) -> str:
     return text.strip("; ")
 
 
-def rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
-    """One row per trial, WAITING slots left out."""
+def rows(study: optuna.Study, metric: str, also: list[str] = ()) -> list[dict[str, Any]]:
+    """One row per trial, WAITING slots left out; with further objectives, their values and
+    whether the trial is on the Pareto front."""
     trials = study.get_trials(deepcopy=False)
     names = list(dict.fromkeys(k for t in trials for k in t.params))
+    front = {t.number for t in study.best_trials} if also else set()
     out = []
     for t in trials:
         if t.state == TrialState.WAITING:
             continue
         params = decode_params(t.params)
-        out.append({"trial": t.number, "state": t.state.name.lower(),
-                    metric: t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+        if also:  # a multi-objective trial has values, one per objective (complete trials only)
+            values = dict(zip([metric, *also], t.values or [None] * (1 + len(also))))
+            values["pareto"] = "yes" if t.number in front else ""
+        else:
+            values = {metric: t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None}
+        out.append({"trial": t.number, "state": t.state.name.lower(), **values,
                     **{n: params.get(n) for n in names},
                     "best_step": t.user_attrs.get("best_step"), "steps": t.user_attrs.get("steps"),
                     "seconds": t.user_attrs.get("seconds"),
@@ -92,8 +98,9 @@ def write_tables(table: list[dict[str, Any]], search_dir: Path, header: str) -> 
     return search_dir / "results.csv", search_dir / "results.md"
 
 
-def plot(study: optuna.Study, search_dir: Path, metric: str) -> tuple[list[Path], list[str]]:
-    """importance.png and parallel_coordinate.png; the notes say why one was not drawn."""
+def plot(study: optuna.Study, search_dir: Path, metric: str, also: list[str] = ()) -> tuple[list[Path], list[str]]:
+    """importance.png and parallel_coordinate.png (of the validation metric), and with further
+    objectives pareto_front.png; the notes say why one was not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,10 +113,17 @@ def plot(study: optuna.Study, search_dir: Path, metric: str) -> tuple[list[Path]
     paths, notes = [], []
     if len(done) < 2 or not varied:
         return [], [f"no plots: they need 2 completed trials whose parameters differ ({len(done)} completed)"]
+    first = {"target": lambda t: t.values[0]} if also else {}  # several objectives: these two show the first
+    drawings = [("importance", lambda: ovm.plot_param_importances(study, target_name=metric, **first)),
+                ("parallel_coordinate", lambda: ovm.plot_parallel_coordinate(study, target_name=metric, **first))]
+    if len(also) in (1, 2):  # optuna draws fronts of 2 or 3 objectives
+        drawings.append(("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=[metric, *also])))
+    elif also:
+        notes.append(f"no pareto_front.png: optuna draws fronts of 2 or 3 objectives, this search has {1 + len(also)}")
     with warnings.catch_warnings(record=True) as caught:  # optuna's notes go into ours
         warnings.simplefilter("always")
-        for name, draw in (("importance", ovm.plot_param_importances), ("parallel_coordinate", ovm.plot_parallel_coordinate)):
-            fig = draw(study, target_name=metric).figure  # both return one matplotlib Axes
+        for name, draw in drawings:
+            fig = draw().figure  # each returns one matplotlib Axes
             fig.set_size_inches(9, 5)
             fig.tight_layout()
             path = search_dir / f"{name}.png"

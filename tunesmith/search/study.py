@@ -98,7 +98,7 @@ def storage_of(study: optuna.Study) -> tuple[BaseStorage, int]:
     return study._storage, study._study_id
 
 
-def open_study(storage: BaseStorage, name: str, direction: str, sampler, pruner, slots: list[dict[str, Any]],
+def open_study(storage: BaseStorage, name: str, directions: list[str], sampler, pruner, slots: list[dict[str, Any]],
                setup: dict[str, Any], strategy: dict[str, Any]) -> optuna.Study:
     """Create the study with its slots (each a dict of fixed params, {} to sample), or load it.
 
@@ -108,11 +108,11 @@ def open_study(storage: BaseStorage, name: str, direction: str, sampler, pruner,
     Asking for more slots than the study has adds the difference.
     """
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler,
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        _check_same(study, name, direction, setup, strategy)
+        _check_same(study, name, directions, setup, strategy)
         _wait_ready(study, name, slots)
         return study
     study.set_user_attr(SETUP_ATTR, setup)
@@ -123,11 +123,12 @@ def open_study(storage: BaseStorage, name: str, direction: str, sampler, pruner,
     return study
 
 
-def _check_same(study: optuna.Study, name: str, direction: str, setup: dict[str, Any],
+def _check_same(study: optuna.Study, name: str, directions: list[str], setup: dict[str, Any],
                 strategy: dict[str, Any]) -> None:
-    if study.direction.name.lower() != direction:
-        raise TunesmithError(f"study {name} {study.direction.name.lower()}s its objective; this search would "
-                             f"{direction} it: use another --study")
+    had = [d.name.lower() for d in study.directions]
+    if had != directions:
+        raise TunesmithError(f"study {name} has objectives to {', '.join(had)}; this search would {', '.join(directions)} "
+                             "(another metric or --also): use another --study")
     stored = study.user_attrs.get(SETUP_ATTR)  # None: its creator died before writing it
     old, new = _flat(stored or {}), _flat(setup)
     changed = [] if stored is None else sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
