@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data file to evaluate on (the run's task and metrics)")
     e.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS", help="instead of --data: an lm-evaluation-harness "
                    "task YAML or folder of them, run offline on the model (needs pip install 'tunesmith[lm-eval]')")
-    e.add_argument("--tasks", nargs="+", help="[--lm-eval] only these tasks (default: every task in TASKS)")
+    e.add_argument("--tasks", nargs="+", help="[--lm-eval] only these tasks (default: all that TASKS defines)")
     e.add_argument("--limit", type=int, help="[--lm-eval] at most N documents per task")
     e.add_argument("--num-fewshot", type=int, help="[--lm-eval] few-shot examples (default: each task's own)")
     e.add_argument("--batch-size", type=int, default=8, help="[--lm-eval] batch size (default 8)")

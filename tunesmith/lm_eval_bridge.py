@@ -65,7 +65,7 @@ def find_tasks(tasks_path: str | Path, names: list[str] | None = None):
     mine = sorted(n for n, e in manager.task_index.items()
                   if e.yaml_path is not None and (Path(e.yaml_path).resolve() in {f.resolve() for f in files}))
     if not mine:
-        raise TunesmithError(f"--lm-eval: no task in {path} could be read (each file needs 'task:' and a "
+        raise TunesmithError(f"--lm-eval: could not read any task from {path} (each file needs 'task:' and a "
                              "dataset; see docs/EVALUATION.md)")
     if names:
         unknown = [n for n in names if n not in manager.all_tasks]
