@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import write_jsonl
 from tunesmith.config import load_config
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TrainingCancelled
 from tunesmith.train import train
 from tunesmith.train.tracking import TensorBoardTracker, Trackers, flat_params
 
@@ -37,11 +38,23 @@ def _config(tmp: Path, model: Path, **track) -> dict:
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tiny_bert):
-    """One short LoRA run with TensorBoard (the default) and MLflow on a local SQLite store."""
+    """One short LoRA run with TensorBoard (the default) and MLflow on a local SQLite store,
+    cancelled after step 2 and resumed: both trackers must carry on across the resume."""
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = _config(tmp, tiny_bert, mlflow={"tracking_uri": uri, "experiment": "tests", "artifact_location": str(tmp / "art")})
-    result = train(cfg)
+    cancel = threading.Event()
+
+    def stop_after_step_2(event):
+        if event.get("kind") == "train" and event["step"] == 2:
+            cancel.set()
+    with pytest.raises(TrainingCancelled, match="stopped at step 2"):
+        train(cfg, on_event=stop_after_step_2, cancel=cancel)
+    run_id = json.loads((tmp / "runs" / "tracked" / "mlflow_run.json").read_text())["run_id"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
+    result = train(cfg, resume=True)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     return result, rows, uri
 
@@ -58,6 +71,7 @@ def test_tensorboard_events_equal_the_runs_metrics(tracked_run):
                 "before/accuracy"):
         assert tag in scalars, (tag, sorted(scalars))
     assert sorted(scalars["train/loss"]) == [1, 2, 3, 4] and sorted(scalars["eval/accuracy"]) == [2, 4]
+    assert len(list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # first attempt + resume
     # every measurement of every metrics.jsonl row, at its step
     for row in rows:
         for k, v in row.items():
@@ -91,6 +105,8 @@ def test_mlflow_run_reads_back_through_mlflows_client(tracked_run):
     run_id = json.loads((result.run_dir / "mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    # the resumed run continued the same MLflow run
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
     assert client.get_experiment(run.info.experiment_id).name == "tests"
     # parameters: the whole flattened config
     expected = {k: str(v) for k, v in flat_params(load_config(result.run_dir / "config.yaml")).items()}

@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                     "builtin:SmolLM2-135M-Instruct to generate)")
     it.add_argument("--overwrite", action="store_true")
 
+    # allow_abbrev=False: the config override --task=sft must not be read as an abbreviated --tasks
     e = sub.add_parser("eval", help="evaluate a run or a base model on a data file, or on lm-eval task files",
-                       epilog=EPILOG)
+                       epilog=EPILOG, allow_abbrev=False)
     e.add_argument("model", help="run folder, model folder, hub id, .gguf file or builtin: alias")
     e.add_argument("--data", help="data file to evaluate on (the run's task and metrics)")
     e.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS", help="instead of --data: an lm-evaluation-harness "
