@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,45 +80,76 @@ def result_scalars(before: dict | None, after: dict) -> dict[str, float]:
     return out
 
 
+class EventFile:
+    """One TensorBoard event file (TFRecord-framed `Event` protobufs, tensorboardX's messages),
+    appended synchronously and opened only for each write. tensorboardX's own SummaryWriter
+    writes from a thread that dies on a disk error, after which its bounded queue blocks the
+    training loop; and a file held open keeps a failing volume from being remounted read-only.
+    Here a write error raises in the caller (Trackers reports it and goes on)."""
+
+    def __init__(self, folder: Path, purge_step: int | None):
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        folder.mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads a folder's files in name order: the time first; pid and ns keep a
+        # resumed attempt's file apart from the first attempt's, begun in the same second.
+        self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
+        first = [Event(wall_time=time.time(), file_version="brain.Event:2")]
+        if purge_step is not None:  # as SummaryWriter(purge_step=...): hide earlier files' steps >= purge_step
+            first = [Event(wall_time=time.time(), step=purge_step, file_version="brain.Event:2"),
+                     Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))]
+        self._append(first)
+
+    def add(self, summaries: list, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._append([Event(wall_time=time.time(), step=step, summary=s) for s in summaries])
+
+    def _append(self, events: list) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        out = bytearray()
+        for e in events:  # TFRecord: length, its CRC, the data, its CRC
+            data = e.SerializeToString()
+            header = struct.pack("Q", len(data))
+            out += header + struct.pack("I", masked_crc32c(header)) + data + struct.pack("I", masked_crc32c(data))
+        with self.path.open("ab") as f:
+            f.write(out)
+
+
 class TensorBoardTracker:
-    """Event files under RUN/tensorboard, written with tensorboardX (protobuf + numpy, no TensorFlow)."""
+    """Event files under RUN/tensorboard (tensorboardX's protobufs and summaries, no TensorFlow)."""
 
     name = "tensorboard"
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume_step: int | None):
-        from tensorboardX import SummaryWriter
-
         # A resumed run replays the steps after its checkpoint; purge_step hides the first attempt's
-        # points from there on, as metrics.jsonl drops its rows. The suffix keeps the resumed attempt
-        # from reopening (and truncating) the first attempt's file, named only by the second it began.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30,
-                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}",
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        # points from there on, as metrics.jsonl drops its rows.
+        self.events = EventFile(run_dir / "tensorboard", None if resume_step is None else resume_step + 1)
         self.cfg = cfg
         if resume_step is None:  # the whole config, readable in the Text tab
-            text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            self.writer.add_text("config", "```\n" + text + "```", 0)
+            from tensorboardX.summary import text
+
+            config = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            self.events.add([text("config", "```\n" + config + "```")], 0)
 
     def row(self, row: dict[str, Any]) -> None:
-        for tag, v in row_scalars(row).items():
-            self.writer.add_scalar(tag, v, row["step"])
+        from tensorboardX.summary import scalar
+
+        self.events.add([scalar(tag, v) for tag, v in row_scalars(row).items()], row["step"])
 
     def finish(self, before: dict | None, after: dict, summary: dict[str, Any], saved: Path) -> None:
-        from tensorboardX.summary import hparams
+        from tensorboardX.summary import hparams, scalar
 
         final = result_scalars(before, after)
-        for tag, v in final.items():
-            self.writer.add_scalar(tag, v, summary["steps"])
-        # The HParams tab: the flattened config against the final metrics. Written into this run's
-        # own event file (SummaryWriter.add_hparams would make a sub-run folder of its own).
+        self.events.add([scalar(tag, v) for tag, v in final.items()], summary["steps"])
+        # The HParams tab: the flattened config against the final metrics, in this run's own file
+        # (SummaryWriter.add_hparams would make a sub-run folder of its own).
         exp, ssi, sei = hparams(flat_params(self.cfg), {k: v for k, v in final.items() if k.startswith("final/")})
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
-        self.close("FINISHED")
+        self.events.add([exp, ssi, sei], 0)
 
     def close(self, status: str) -> None:
-        self.writer.close()
+        """Nothing is held open between writes."""
 
 
 class MlflowTracker:
