@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import write_jsonl
 from tunesmith.config import load_config
-from tunesmith.errors import ConfigError, TrainingCancelled
+from tunesmith.errors import ConfigError, TrainingCancelled, TunesmithError
 from tunesmith.train import train
 from tunesmith.train.tracking import TensorBoardTracker, Trackers, flat_params
 
@@ -139,6 +139,13 @@ def test_mlflow_configured_but_missing_fails_before_training(tmp_path, tiny_bert
     with pytest.raises(ConfigError, match=r"install MLflow: pip install 'tunesmith\[mlflow\]'"):
         train(cfg)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_a_bad_mlflow_store_is_a_clear_error_before_training(tmp_path, tiny_bert):
+    cfg = _config(tmp_path, tiny_bert, mlflow={"tracking_uri": "bogus://nowhere"})
+    with pytest.raises(TunesmithError, match=r"track.mlflow \(bogus://nowhere\): .*unsupported URI"):
+        train(cfg)
+    assert not (tmp_path / "runs" / "tracked").exists()  # nothing half-written
 
 
 def test_a_resumed_run_hides_the_first_attempts_later_steps(tmp_path):

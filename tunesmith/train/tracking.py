@@ -164,8 +164,8 @@ class MlflowTracker:
 
         mc: MlflowConfig = cfg.track.mlflow
         self.mc, self.run_dir = mc, run_dir
-        self.client = MlflowClient(tracking_uri=mc.tracking_uri)
         try:
+            self.client = MlflowClient(tracking_uri=mc.tracking_uri)
             exp_id = self._experiment(mc)
             id_file = run_dir / "mlflow_run.json"
             if resume_step is not None and id_file.is_file():
