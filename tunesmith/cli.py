@@ -36,9 +36,18 @@ def _parser() -> argparse.ArgumentParser:
                     "builtin:SmolLM2-135M-Instruct to generate)")
     it.add_argument("--overwrite", action="store_true")
 
-    e = sub.add_parser("eval", help="evaluate a run or a base model on a data file", epilog=EPILOG)
+    # allow_abbrev=False: the config override --task=sft must not be read as an abbreviated --tasks
+    e = sub.add_parser("eval", help="evaluate a run or a base model on a data file, or on lm-eval task files",
+                       epilog=EPILOG, allow_abbrev=False)
     e.add_argument("model", help="run folder, model folder, hub id, .gguf file or builtin: alias")
-    e.add_argument("--data", required=True, help="data file to evaluate on")
+    e.add_argument("--data", help="data file to evaluate on (the run's task and metrics)")
+    e.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS", help="instead of --data: an lm-evaluation-harness "
+                   "task YAML or folder of them, run offline on the model (needs pip install 'tunesmith[lm-eval]')")
+    e.add_argument("--tasks", nargs="+", help="[--lm-eval] only these tasks (default: all that TASKS defines)")
+    e.add_argument("--limit", type=int, help="[--lm-eval] at most N documents per task")
+    e.add_argument("--num-fewshot", type=int, help="[--lm-eval] few-shot examples (default: each task's own)")
+    e.add_argument("--batch-size", type=int, default=8, help="[--lm-eval] batch size (default 8)")
+    e.add_argument("--chat-template", action="store_true", help="[--lm-eval] prompts through the tokenizer's chat template")
     e.add_argument("--config", help="config with task/columns/template (default: the run's own)")
     e.add_argument("--json", dest="json_out", help="also write the full result to this JSON file")
 
@@ -220,7 +229,24 @@ def run(argv: list[str]) -> int:
         _no_overrides(rest)
         text = starter_config(args.file, args.out, args.model, args.overwrite)
         print(f"wrote {args.out}; next: tunesmith data check {args.file} --config {args.out}" if args.out else text)
+    elif args.command == "eval" and args.lm_eval:
+        from tunesmith.lm_eval_bridge import harness_markdown, lm_eval_run
+
+        _no_overrides(rest)
+        if args.data:
+            raise TunesmithError("eval: give --data or --lm-eval, not both")
+        result = lm_eval_run(args.model, args.lm_eval, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                             batch_size=args.batch_size, chat_template=args.chat_template)
+        print(harness_markdown(result))
+        if args.json_out:
+            _write_atomic(Path(args.json_out), json.dumps(result, indent=2))
     elif args.command == "eval":
+        if not args.data:
+            raise TunesmithError("eval: give --data FILE (the run's own metrics) or --lm-eval TASKS")
+        harness_only = [f for f, v in (("--tasks", args.tasks), ("--limit", args.limit), ("--num-fewshot",
+                        args.num_fewshot), ("--chat-template", args.chat_template)) if v]
+        if harness_only:
+            raise TunesmithError(f"eval: {', '.join(harness_only)} only apply with --lm-eval")
         from tunesmith.evaluate.report import single_markdown
         from tunesmith.runs import evaluate
 

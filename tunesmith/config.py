@@ -447,6 +447,25 @@ class OutputConfig(_Section):
     overwrite: bool = Field(False, description="Replace an existing run folder (else it is an error).")
 
 
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking store, e.g. sqlite:///mlruns.db (relative to the working directory) or "
+        "http://host:5000; set it to log the run to MLflow (needs: pip install 'tunesmith[mlflow]').")
+    experiment: str = Field("tunesmith", description="MLflow experiment (created when missing).")
+    run_name: str | None = Field(None, description="MLflow run name (default: output.name).")
+    artifact_location: str | None = Field(
+        None, description="Where a NEW experiment keeps its artifacts (default: MLflow's, ./mlruns for a local store).")
+    max_model_mb: float = Field(
+        100, ge=0, description="Upload the saved adapter/model folder as artifacts up to this size (MB); a larger "
+        "one is linked by its path (tag tunesmith.model_path).")
+
+
+class TrackConfig(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to RUN/tensorboard "
+                              "(view: tensorboard --logdir runs/).")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
 class RunConfig(_Section):
     """A whole fine-tuning run."""
 
@@ -460,6 +479,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     pref: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

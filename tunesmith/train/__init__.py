@@ -37,6 +37,7 @@ from tunesmith.train import distributed as dist
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.online import fit_online
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
+from tunesmith.train.tracking import Trackers, check_tracking, open_trackers
 
 
 # Below this many validation examples, keep-best picks a checkpoint on noise: say so.
@@ -90,6 +91,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     cfg = _resolve_config(config, overrides)
     task = get_task(cfg.task)
     check_inputs_exist(cfg)
+    check_tracking(cfg)  # a configured tracker whose package is missing: say so before loading anything
     if task.online and dist.world_size() > 1:
         raise TunesmithError(f"task {cfg.task}: online RL (rollouts) does not run data-parallel yet; run it in one "
                              "process (without --nproc / torchrun / accelerate launch)")
@@ -141,62 +143,71 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
             shutil.rmtree(run_dir)  # output.overwrite (or a resume with nothing to resume): replaced only now
             created = True
         run_dir.mkdir(parents=True, exist_ok=True)
+    trackers = Trackers([], lambda msg: _say(msg, on_event))  # process 0's, once the run folder exists
     try:
         if main:
             dump_config(cfg, run_dir / "config.yaml")
+            trackers = open_trackers(cfg, run_dir, ckpt.step_of(resume_from), lambda msg: _say(msg, on_event))
+            on_event = trackers.listen(on_event)  # TensorBoard / MLflow see the rows metrics.jsonl gets
         before = _before(model, tokenizer, data, cfg, acc, run_dir, resume_from, on_event)
         fit_fn = fit_online if task.online else fit
         if torch.cuda.is_available():  # training's own peak, apart from loading and evaluation
             torch.cuda.reset_peak_memory_stats()
         result = fit_fn(model, tokenizer, data, cfg, acc, run_dir, on_event=on_event, cancel=cancel, resume_from=resume_from)
-    except BaseException:
+    except BaseException as e:
+        trackers.close("KILLED" if isinstance(e, (TrainingCancelled, KeyboardInterrupt)) else "FAILED")
         if main and created and ckpt.latest_checkpoint(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
         raise
 
-    train_peak_gpu, train_peak_rss = peak_gpu_mb(), peak_rss_mb()  # before the final evaluation adds its own
-    model = acc.unwrap_model(model)
-    if cfg.train.load_best and result.best_step is not None and result.best_step != result.steps:
-        ckpt.load_weights(run_dir / "checkpoints" / "best", model)
-        _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
-    _say("evaluating the trained model ...", on_event)
-    after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))  # every process: a share each
-    if not main:  # process 0 writes the model, summary and report; the others wait for it and return
-        dist.barrier(acc)
-        return RunResult(run_dir, before, after, {"steps": result.steps, "status": "completed", "rank": acc.process_index})
-    saved = _save_model(model, tokenizer, cfg, run_dir, base_path)
-    summary = {
-        "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
-        "quantize": cfg.method.opt("quantize") if cfg.method.name in ("lora", "dora", "qlora") else "none",
-        "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
-        "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
-        "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-        "train_peak_gpu_mb": train_peak_gpu, "train_peak_rss_mb": train_peak_rss,
-        "rss_start_mb": rss_start, "model_memory_mb": model_memory_mb(model),
-        "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
-        "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
-        "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
-        "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
-        "stopped_early": result.stopped_early, "status": "completed", "skipped_steps": result.skipped_steps,
-        "processes": acc.num_processes,
-        # the trained model's score on the held-out split, as in the report
-        "final_split": after["split"], "final_metric": result.best_metric,
-        "final_value": after["metrics"].get(result.best_metric),
-        "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
-        "forgetting_note": _forgetting_note(cfg),
-    }
-    (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
-    train_data = cfg.data.train_name()
-    stats = compare_results(before, after, cfg.eval.bootstrap_resamples, cfg.train.seed)
-    card = model_card({**summary, "predicts": task.predicts, "data_summary": _data_summary(data, task)}, before, after,
-                      run_dir.name, train_data, stats, _hyperparameters(cfg))
-    (saved / "README.md").write_text(card)  # beside the weights, for sharing them
-    (run_dir / "README.md").write_text(card)  # and the run folder's own card
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
-    reliability_diagram(before, after, run_dir / "reliability.png")  # classifiers: their probabilities
-    confusion_plot(before, after, run_dir / "confusion.png")
-    write_report(run_dir, before, after, summary, stats)  # after the figures it links to
+    try:  # a failure from here on marks the tracked run FAILED
+        train_peak_gpu, train_peak_rss = peak_gpu_mb(), peak_rss_mb()  # before the final evaluation adds its own
+        model = acc.unwrap_model(model)
+        if cfg.train.load_best and result.best_step is not None and result.best_step != result.steps:
+            ckpt.load_weights(run_dir / "checkpoints" / "best", model)
+            _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
+        _say("evaluating the trained model ...", on_event)
+        after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))  # every process: a share each
+        if not main:  # process 0 writes the model, summary and report; the others wait for it and return
+            dist.barrier(acc)
+            return RunResult(run_dir, before, after, {"steps": result.steps, "status": "completed", "rank": acc.process_index})
+        saved = _save_model(model, tokenizer, cfg, run_dir, base_path)
+        summary = {
+            "name": cfg.output.name, "task": cfg.task, "method": cfg.method.name, "base_model": cfg.model.name_or_path,
+            "quantize": cfg.method.opt("quantize") if cfg.method.name in ("lora", "dora", "qlora") else "none",
+            "saved_as": saved.name, "saved_bytes": folder_bytes(saved),
+            "checkpoint_bytes": folder_bytes(run_dir / "checkpoints" / f"step-{result.steps}"),
+            "base_model_bytes": weights_bytes(base_path), "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
+            "train_peak_gpu_mb": train_peak_gpu, "train_peak_rss_mb": train_peak_rss,
+            "rss_start_mb": rss_start, "model_memory_mb": model_memory_mb(model),
+            "resolved_base": base_path, "labels": data.labels, "format": data.fmt, "chat_template": data.chat,
+            "params": str(params), "param_counts": params.as_dict(), "precision": precision, "device": str(acc.device),
+            "steps": result.steps, "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - t0,
+            "best_metric": result.best_metric, "best_value": result.best_value, "best_step": result.best_step,
+            "stopped_early": result.stopped_early, "status": "completed", "skipped_steps": result.skipped_steps,
+            "processes": acc.num_processes,
+            # the trained model's score on the held-out split, as in the report
+            "final_split": after["split"], "final_metric": result.best_metric,
+            "final_value": after["metrics"].get(result.best_metric),
+            "final_metrics": {k: v for k, v in after["metrics"].items() if isinstance(v, (int, float))},
+            "forgetting_note": _forgetting_note(cfg),
+        }
+        (run_dir / "run.json").write_text(json.dumps(summary, indent=2))
+        train_data = cfg.data.train_name()
+        stats = compare_results(before, after, cfg.eval.bootstrap_resamples, cfg.train.seed)
+        card = model_card({**summary, "predicts": task.predicts, "data_summary": _data_summary(data, task)}, before, after,
+                          run_dir.name, train_data, stats, _hyperparameters(cfg))
+        (saved / "README.md").write_text(card)  # beside the weights, for sharing them
+        (run_dir / "README.md").write_text(card)  # and the run folder's own card
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        plot_pref_curves(run_dir / "metrics.jsonl", run_dir / "pref_curves.png")  # pairwise objectives only
+        reliability_diagram(before, after, run_dir / "reliability.png")  # classifiers: their probabilities
+        confusion_plot(before, after, run_dir / "confusion.png")
+        write_report(run_dir, before, after, summary, stats)  # after the figures it links to
+        trackers.finish(before, after, summary, saved)
+    except BaseException:
+        trackers.close("FAILED")
+        raise
     _say("\n" + comparison_markdown(before, after, stats) + f"\n\nrun folder: {run_dir}", on_event)
     if on_event:
         on_event({"kind": "done", "run_dir": str(run_dir), "metrics": after["metrics"]})

@@ -129,6 +129,11 @@ def _steps(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def step_of(folder: Path | None) -> int | None:
+    """The step of a checkpoint folder 'step-N' (None for None)."""
+    return None if folder is None else int(folder.name.split("-")[1])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete step checkpoint."""
     return next((p for p in reversed(_steps(run_dir)) if incomplete(p) is None), None)

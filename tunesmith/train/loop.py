@@ -233,6 +233,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             if step % t.log_every == 0 or step == total_steps:
                 log({"kind": "train", "step": step, "total_steps": total_steps, "epoch": epoch_float,
                      "loss": prog["run_loss"] / max(prog["run_count"], 1), "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": norm,  # this step's (before clipping), as the HF Trainer logs it
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "skipped_steps": prog["skipped"],
                      **({acc_key: prog["run_correct"] / max(prog["run_count"], 1)} if acc_key else {}),
                      **{k: v / max(prog["run_count"], 1) for k, v in prog["run_extras"].items()}})
