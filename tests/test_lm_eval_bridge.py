@@ -3,8 +3,9 @@ run offline on a trained tiny run (base + LoRA adapter). lm-eval's per-choice lo
 checked against our own computation on the same trained model, and against the base's (they must
 differ: the adapter was applied), and its accuracy against the argmax of ours.
 
-lm-eval is an optional extra (`pip install 'tunesmith[lm-eval]'`, ~70 MB, ~30 s); without it the
-scoring tests skip, saying so, and the missing-extra error is tested instead."""
+lm-eval is an optional extra for users (`pip install 'tunesmith[lm-eval]'`, ~70 MB, ~30 s);
+requirements.txt installs it for the tests, so CI runs them. Where it is missing, the scoring
+tests skip, saying so, and the missing-extra error is tested either way (the import is blocked)."""
 from __future__ import annotations
 
 import importlib.util
