@@ -90,6 +90,25 @@ class ServiceApi:
         self.store, self.files, self.data_dir, self.models = store, files, Path(data_dir), models
         self._export_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._validating: set[asyncio.Task] = set()  # held here: the loop keeps only weak references
+
+    def validate_later(self, job: dict) -> None:
+        """Validate a job's files after the answer has gone (validating_files -> queued | failed)."""
+        task = asyncio.create_task(self._validate(job))
+        self._validating.add(task)
+        task.add_done_callback(self._validating.discard)
+
+    async def _validate(self, job: dict) -> None:
+        try:
+            await asyncio.to_thread(jobmod.validate_job, self.store, job, self.data_dir)
+        except Exception as e:  # noqa: BLE001 - the job stays validating_files; the next start retries it
+            print(f"tunesmith service: validating {job['id']} failed: {type(e).__name__}: {e} "
+                  "(retried at the next start)", flush=True)
+
+    async def validate_leftovers(self) -> None:
+        """Jobs a stopped service left in validating_files: validate them now."""
+        for job in await asyncio.to_thread(self.store.jobs_validating):
+            self.validate_later(job)
 
     def install(self, app) -> None:
         for method, path, endpoint in self.ROUTES:
@@ -159,9 +178,10 @@ class ServiceApi:
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         try:
             row = await self.call(jobmod.create_job, self.store, self.project(request), body, self.data_dir,
-                                  self.models)
+                                  self.models, validate=False)
         except TunesmithError as e:  # a tunesmith config error the job's settings cause
             raise ApiError(400, str(e), param=getattr(e, "param", None), code="invalid_request") from None
+        self.validate_later(row)  # reading the files can take a while on a large file: not in the request
         return jobmod.job_object(row)
 
     async def list_jobs(self, request: Request):

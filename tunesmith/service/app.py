@@ -269,6 +269,7 @@ def create_service_app(store: Store, data_dir: Path, models: dict[str, str] | No
         stop = threading.Event()
         threads = _start_workers(workers, store, data_dir, stop, worker_options or {})
         poller = asyncio.create_task(_poll(host, poll_s))
+        await api.validate_leftovers()
         try:
             yield
         finally:

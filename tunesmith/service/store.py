@@ -382,7 +382,8 @@ class Store:
                       {"status": "cancelled", "finished_at": now(), "requested": None}),
                      ((j.status == "running"), {"requested": "cancel"})]
         elif what == "pause":
-            moves = [((j.status.in_(("validating_files", "queued"))), {"status": "paused"}),
+            # not while validating_files: a resume would queue a job whose files were never validated
+            moves = [((j.status == "queued"), {"status": "paused"}),
                      ((j.status == "running") & (j.requested.is_(None) | (j.requested == "pause")),
                       {"requested": "pause"})]
         elif what == "resume":
@@ -400,6 +401,22 @@ class Store:
             raise StoreError(f"no fine-tuning job {id!r}", code="not_found", param="fine_tuning_job_id")
         state = job["status"] + (f" ({job['requested']} requested)" if job["requested"] else "")
         raise StoreError(f"cannot {what} a job that is {state}", code="invalid_state")
+
+    def end_validation(self, job_id: str, error: dict | None = None) -> dict | None:
+        """A job's files were validated: validating_files -> queued, or with `error` -> failed.
+        A job cancelled meanwhile stays cancelled. Returns the job row after the move."""
+        j = jobs.c
+        values = {"status": "queued"} if error is None else {"status": "failed", "error": error, "finished_at": now()}
+        with self._tx() as c:
+            row = c.execute(jobs.update().where(j.id == job_id, j.status == "validating_files").values(**values)
+                            .returning(jobs)).first()
+            return dict(row._mapping) if row is not None else _row(c.execute(sa.select(jobs).where(j.id == job_id)).first())
+
+    def jobs_validating(self) -> list[dict]:
+        """Every project's jobs still in validating_files (a service that stopped mid-validation)."""
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.select(jobs).where(jobs.c.status == "validating_files")
+                                                        .order_by(jobs.c.seq))]
 
     # ---- the worker side -------------------------------------------------------------------------
 
