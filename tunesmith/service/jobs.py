@@ -25,7 +25,7 @@ from typing import Any
 from tunesmith import assets
 from tunesmith.config import DEFAULT_LR, RunConfig, load_config, task_facts
 from tunesmith.errors import ConfigError
-from tunesmith.service.store import Store, StoreError
+from tunesmith.service.store import Store, StoreError, new_id
 
 METHODS = {"supervised": "sft", "dpo": "dpo"}  # OpenAI method.type -> tunesmith task
 FORMATS = {"supervised": 'the chat format ({"messages": [...]})',
@@ -97,10 +97,11 @@ def create_job(store: Store, project_id: str, body: dict[str, Any], data_dir: Pa
         StoreError with the OpenAI `param` of the first problem (tunesmith.<field> for config ones).
     """
     cols = build_job(store, project_id, body, data_dir, models or {})
-    job = store.add_job(project_id, **cols | {"status": "validating_files"})
-    store.add_event(job["id"], "info", f"Created fine-tuning job: {job['id']}")
-    store.add_event(job["id"], "info", f"Validating training file: {job['training_file']}"
-                    + (f" and validation file: {job['validation_file']}" if job.get("validation_file") else ""))
+    job_id = new_id("ftjob-")
+    job = store.add_job(project_id, messages=(
+        f"Created fine-tuning job: {job_id}", f"Validating training file: {cols['training_file']}"
+        + (f" and validation file: {cols['validation_file']}" if cols.get("validation_file") else "")),
+        **cols | {"id": job_id, "status": "validating_files"})
     return validate_job(store, job, data_dir) if validate else job
 
 
