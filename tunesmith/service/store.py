@@ -343,6 +343,8 @@ class Store:
         with self.engine.connect() as c:
             q = _page(c, sa.select(jobs).where(jobs.c.project_id == project_id), jobs, after, "desc",
                       extra=(jobs.c.project_id == project_id))
+            if not metadata:  # without a filter, only the page: psycopg fetched every job of the project
+                q = q.limit(limit + 1)
             # JSON filtering differs per dialect; a project's job list is small, so filter here.
             for r in c.execute(q).mappings():
                 meta = r["metadata"] or {}
