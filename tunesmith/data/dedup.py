@@ -35,7 +35,7 @@ _TABLE = bytes(c if c in _KEEP else 32 for c in range(256))
 
 @dataclass
 class Words:
-    """Every text's words as crc32 ids, concatenated: text i is ids[offsets[i]:offsets[i+1]]."""
+    """Every text's words as 32-bit ids (words()), concatenated: text i is ids[offsets[i]:offsets[i+1]]."""
 
     ids: np.ndarray  # (total words,) uint32
     offsets: np.ndarray  # (n + 1,) int64
