@@ -210,7 +210,7 @@ def main() -> None:
             print(f"  first {name} error: {errs[0]}")
         for s in syncs:
             for j in s.fine_tuning.jobs.list(limit=100, metadata={"bench": "load"}):
-                if j.status == "queued":
+                if j.status in ("validating_files", "queued"):
                     s.fine_tuning.jobs.cancel(j.id)
         if status.status == "running":
             syncs[0].fine_tuning.jobs.cancel(train.id)

@@ -194,7 +194,8 @@ def test_supervised_job_pause_resume_events_checkpoints_and_chat(svc, sft_file, 
     assert job.method.supervised.hyperparameters.learning_rate_multiplier == pytest.approx(20.0)  # 1e-2 / 5e-4
     deadline = time.time() + 300
     while not c.fine_tuning.jobs.checkpoints.list(job.id).data:  # let it train a little first
-        assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running")
+        assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status in \
+            ("validating_files", "queued", "running")
         time.sleep(0.3)
     c.fine_tuning.jobs.pause(job.id)
     paused = wait(c, job.id, ("paused", "succeeded"))
@@ -264,6 +265,14 @@ def test_dpo_job_and_cancel(svc, sft_file, tmp_path):
     r = c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": QA[0][0]}],
                                   temperature=0, max_tokens=4)
     assert r.model == done.fine_tuned_model and r.choices[0].message.content is not None
+
+    # a valid upload that is no data for the job's own task: the job answers validating_files, then fails
+    bad = c.fine_tuning.jobs.create(model="tiny", training_file=sft_file.id,
+                                    extra_body={"tunesmith": {"task": "classification"}})
+    assert bad.status == "validating_files"
+    failed = wait(c, bad.id, ("failed", "queued"))
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert failed.error.param == "training_file"
 
     long = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "dpo", "dpo": {
         "hyperparameters": {"n_epochs": 50}}}, extra_body={"tunesmith": TINY_TRAIN})

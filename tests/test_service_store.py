@@ -42,7 +42,7 @@ def test_urls_and_migrations(store, tmp_path):
     assert database_url("postgresql+psycopg://u@h/db", tmp_path) == "postgresql+psycopg://u@h/db"
     store.migrate()  # a second start: nothing to do, nothing broken
     with store.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         names = set(sa.inspect(c).get_table_names())
     assert {"projects", "api_keys", "files", "jobs", "events", "checkpoints"} <= names
     if not store.postgres:
@@ -124,6 +124,57 @@ def test_files_are_scoped_and_paged(store):
     assert store.get_file(a["id"], made[0]["id"])["info"] == {"n_examples": 10}
     assert not store.delete_file(b["id"], made[0]["id"])
     assert store.delete_file(a["id"], made[0]["id"]) and store.get_file(a["id"], made[0]["id"]) is None
+
+
+def test_lists_keep_insertion_order_within_one_second(store, monkeypatch):
+    """created_at has one-second resolution: 30 files and 30 jobs made in the same second must come
+    back newest first in the order they were made, and `after` pages must join up exactly."""
+    import tunesmith.service.store as store_mod
+
+    monkeypatch.setattr(store_mod, "now", lambda: 1_700_000_000)  # every row in the same second
+    a, _ = store.add_key("a")
+    made_files = [store.add_file(a["id"], f"f{i}.jsonl", "fine-tune", i, f"files/x{i}")["id"] for i in range(30)]
+    made_jobs = [_job(store, a["id"])["id"] for _ in range(30)]
+    assert [f["id"] for f in store.list_files(a["id"])] == made_files[::-1]
+    assert [f["id"] for f in store.list_files(a["id"], order="asc")] == made_files
+    paged, after = [], None
+    while True:
+        page = store.list_files(a["id"], after=after, limit=8)
+        paged += [f["id"] for f in page]
+        if len(page) < 8:
+            break
+        after = page[-1]["id"]
+    assert paged == made_files[::-1]
+    paged, after, more = [], None, True
+    while more:
+        rows, more = store.list_jobs(a["id"], after=after, limit=7)
+        paged += [r["id"] for r in rows]
+        after = rows[-1]["id"]
+    assert paged == made_jobs[::-1]
+    # a page taken, then newer jobs arrive: the next page continues where the first stopped
+    first, _ = store.list_jobs(a["id"], limit=5)
+    newer = [_job(store, a["id"])["id"] for _ in range(3)]
+    rest, _ = store.list_jobs(a["id"], after=first[-1]["id"], limit=100)
+    assert [r["id"] for r in first + rest] == made_jobs[::-1] and newer[0] not in {r["id"] for r in rest}
+    claimed = store.claim("w", 30)  # the oldest queued job first, by insertion
+    assert claimed["id"] == made_jobs[0]
+
+
+def test_upgrade_numbers_existing_rows_in_creation_order(tmp_path):
+    """Migration 0003 gives the rows of an older database seq in (created_at, id) order."""
+    from tunesmith.service.migrations import upgrade
+
+    old = Store(None, tmp_path)
+    upgrade(old.engine, "0002")
+    with old.engine.begin() as c:
+        for id_, t in (("file-b", 5), ("file-a", 5), ("file-c", 3)):
+            c.execute(sa.text("INSERT INTO files (id, project_id, filename, purpose, bytes, created_at, status, path) "
+                              "VALUES (:id, 'p', 'f', 'fine-tune', 1, :t, 'processed', 'files/f')"), {"id": id_, "t": t})
+    old.migrate()
+    assert [f["id"] for f in old.list_files("p", order="asc")] == ["file-c", "file-a", "file-b"]
+    new = old.add_file("p", "g", "fine-tune", 1, "files/g")
+    assert old.list_files("p")[0]["id"] == new["id"]
+    old.close()
 
 
 def _job(store, project_id, **cols):

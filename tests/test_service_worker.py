@@ -52,6 +52,48 @@ def _error(store, project_id, data_dir, body, models=None) -> StoreError:
     return e.value
 
 
+def test_files_are_validated_with_the_jobs_own_config(service):
+    """validating_files -> queued | failed: the files read as the job's config reads them (OpenAI's
+    lifecycle). A chat file is a valid upload but no classification data."""
+    store, pid, data_dir = service
+    f = add_file(store, pid, data_dir, chat_rows(20))
+    bad = jobs.create_job(store, pid, _body(f["id"], tunesmith={"task": "classification"}), data_dir, validate=False)
+    assert bad["status"] == "validating_files"
+    assert store.claim("w", 30) is None  # no worker takes a job whose files are not validated yet
+    with pytest.raises(StoreError, match="cannot pause a job that is validating_files"):
+        store.request(pid, bad["id"], "pause")
+    failed = jobs.validate_job(store, bad, data_dir)
+    assert failed["status"] == "failed" and failed["finished_at"] is not None
+    assert failed["error"]["code"] == "invalid_training_file" and failed["error"]["param"] == "training_file"
+    assert "label" in failed["error"]["message"] and str(data_dir) not in failed["error"]["message"]
+    events = [e["message"] for e in store.list_events(bad["id"])[0]]
+    assert events[0].startswith("File validation failed: training_file " + f["id"])
+    good = jobs.create_job(store, pid, _body(f["id"]), data_dir)
+    assert good["status"] == "queued" and store.claim("w", 30)["id"] == good["id"]
+    gone = jobs.create_job(store, pid, _body(f["id"]), data_dir, validate=False)
+    store.request(pid, gone["id"], "cancel")  # cancelled while validating: stays cancelled
+    assert jobs.validate_job(store, gone, data_dir)["status"] == "cancelled"
+
+
+def test_a_restarted_service_validates_the_jobs_left_validating(service):
+    """The API validates after answering; a service stopped before that validates at its next start."""
+    import asyncio
+
+    from tunesmith.service.api import ServiceApi
+    from tunesmith.service.files import Files
+
+    store, pid, data_dir = service
+    f = add_file(store, pid, data_dir, chat_rows(20))
+    left = [jobs.create_job(store, pid, _body(f["id"]), data_dir, validate=False) for _ in range(2)]
+    api = ServiceApi(store, Files(store, data_dir), data_dir, {})
+
+    async def start():
+        await api.validate_leftovers()
+        await asyncio.gather(*api._validating)
+    asyncio.run(start())
+    assert [store.job(j["id"])["status"] for j in left] == ["queued", "queued"]
+
+
 def test_create_job_resolves_auto_and_echoes_it(service):
     store, pid, data_dir = service
     f = add_file(store, pid, data_dir, chat_rows(20))
@@ -223,7 +265,9 @@ def test_a_job_runs_to_success_with_events_checkpoints_and_results(service):
     assert rfile["purpose"] == "fine-tune-results" and [int(r["step"]) for r in rows] == list(range(2, 31, 2))
     assert float(rows[-1]["full_valid_loss"]) == pytest.approx(valid[-1]["full_valid_loss"])
     messages = [e["message"] for e in reversed(store.list_events(job["id"], limit=10_000)[0]) if e["type"] == "message"]
-    assert messages[:2] == [f"Created fine-tuning job: {job['id']}", "Fine-tuning job started"]
+    assert messages[:4] == [f"Created fine-tuning job: {job['id']}",  # OpenAI's lifecycle, its event texts
+                            f"Validating training file: {train['id']} and validation file: {val['id']}",
+                            "Files validated, moving job to queued state", "Fine-tuning job started"]
     assert "The job has successfully completed" in messages
     assert len(messages) == len(set(messages))
 

@@ -32,16 +32,17 @@ def features(w: Words, min_df: int = 2) -> sparse.csr_matrix:
     from sklearn.feature_extraction.text import TfidfTransformer
 
     n = len(w.offsets) - 1
-    ids = w.ids.astype(np.uint64)
-    text_of = np.repeat(np.arange(n), w.counts)
-    cols, rows = ids % np.uint64(HASH_DIM), text_of
     if n < PAIRS_UNTIL:
+        ids = w.ids.astype(np.uint64)
+        text_of = np.repeat(np.arange(n), w.counts)
         pair_ok = text_of[1:] == text_of[:-1]  # (total - 1,): word i and i+1 are in the same text
         pairs = (ids[:-1] * np.uint64(1_000_003) + ids[1:]) ^ np.uint64(0x9E3779B97F4A7C15)
-        cols = np.concatenate([cols, pairs[pair_ok] % np.uint64(HASH_DIM)])
+        cols = np.concatenate([ids % np.uint64(HASH_DIM), pairs[pair_ok] % np.uint64(HASH_DIM)]).astype(np.int64)
         rows = np.concatenate([text_of, text_of[:-1][pair_ok]])
-    cols = cols.astype(np.int64)
-    counts = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(n, HASH_DIM))
+        counts = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(n, HASH_DIM))
+    else:  # words only, already in text order: the CSR arrays directly (through COO: 2.7 more CPU-s at 100,000 rows)
+        cols = (w.ids % np.uint32(HASH_DIM)).astype(np.int32)
+        counts = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, w.offsets), shape=(n, HASH_DIM))
     counts.sum_duplicates()
     df = np.bincount(counts.indices, minlength=HASH_DIM)
     counts = counts[:, np.flatnonzero(df >= min_df)]

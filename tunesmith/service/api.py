@@ -90,6 +90,25 @@ class ServiceApi:
         self.store, self.files, self.data_dir, self.models = store, files, Path(data_dir), models
         self._export_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._validating: set[asyncio.Task] = set()  # held here: the loop keeps only weak references
+
+    def validate_later(self, job: dict) -> None:
+        """Validate a job's files after the answer has gone (validating_files -> queued | failed)."""
+        task = asyncio.create_task(self._validate(job))
+        self._validating.add(task)
+        task.add_done_callback(self._validating.discard)
+
+    async def _validate(self, job: dict) -> None:
+        try:
+            await asyncio.to_thread(jobmod.validate_job, self.store, job, self.data_dir)
+        except Exception as e:  # noqa: BLE001 - the job stays validating_files; the next start retries it
+            print(f"tunesmith service: validating {job['id']} failed: {type(e).__name__}: {e} "
+                  "(retried at the next start)", flush=True)
+
+    async def validate_leftovers(self) -> None:
+        """Jobs a stopped service left in validating_files: validate them now."""
+        for job in await asyncio.to_thread(self.store.jobs_validating):
+            self.validate_later(job)
 
     def install(self, app) -> None:
         for method, path, endpoint in self.ROUTES:
@@ -107,12 +126,15 @@ class ServiceApi:
         except StoreError as e:
             raise store_error(e) from None
 
-    @staticmethod
-    def read(fn, *args, **kw):
-        """A Store read on the event loop: one indexed query (~1 ms; SQLite's WAL readers never wait
-        for a writer). A thread hop per read cost more than the read under load: the GIL handoff
-        between the loop and the pool's threads, measured at ~3 ms a call on the 2-core machine."""
+    async def read(self, fn, *args, **kw):
+        """A Store read. On SQLite, on the event loop: one indexed query (~1 ms; WAL readers never
+        wait for a writer), and a thread hop per read cost more than the read under load (the GIL
+        handoff between the loop and the pool's threads, ~3 ms a call on the 2-core machine). On
+        PostgreSQL, in a thread: a query is a round trip to another process, and the loop answered
+        no other request while it waited (every endpoint's p95 followed the slowest query's)."""
         try:
+            if self.store.postgres:
+                return await asyncio.to_thread(fn, *args, **kw)
             return fn(*args, **kw)
         except StoreError as e:
             raise store_error(e) from None
@@ -129,23 +151,23 @@ class ServiceApi:
         order = request.query_params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
-        rows = self.read(self.store.list_files, self.project(request), request.query_params.get("purpose"),
+        rows = await self.read(self.store.list_files, self.project(request), request.query_params.get("purpose"),
                                request.query_params.get("after"), limit + 1, order)
         return page([file_object(r) for r in rows[:limit]], len(rows) > limit)
 
     async def retrieve_file(self, request: Request, file_id: str):
-        return file_object(self.files.get(self.project(request), file_id))
+        return file_object(await self.read(self.files.get, self.project(request), file_id))
 
     async def delete_file(self, request: Request, file_id: str):
         return await asyncio.to_thread(self.files.delete, self.project(request), file_id)
 
     async def file_content(self, request: Request, file_id: str):
-        row = self.files.get(self.project(request), file_id)
+        row = await self.read(self.files.get, self.project(request), file_id)
         return FileResponse(self.files.path(row), media_type="application/octet-stream", filename=row["filename"])
 
     # ---- jobs -------------------------------------------------------------------------------------
     async def job_row(self, request: Request, job_id: str) -> dict:
-        row = self.read(self.store.get_job, self.project(request), job_id)
+        row = await self.read(self.store.get_job, self.project(request), job_id)
         if row is None:
             raise ApiError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="not_found")
         return row
@@ -159,9 +181,10 @@ class ServiceApi:
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         try:
             row = await self.call(jobmod.create_job, self.store, self.project(request), body, self.data_dir,
-                                  self.models)
+                                  self.models, validate=False)
         except TunesmithError as e:  # a tunesmith config error the job's settings cause
             raise ApiError(400, str(e), param=getattr(e, "param", None), code="invalid_request") from None
+        self.validate_later(row)  # reading the files can take a while on a large file: not in the request
         return jobmod.job_object(row)
 
     async def list_jobs(self, request: Request):
@@ -169,11 +192,11 @@ class ServiceApi:
         meta = _metadata_filter(request)
         after = request.query_params.get("after")
         if meta == {}:  # jobs created without metadata: filtered here, the store filters by key/value
-            rows, _ = self.read(self.store.list_jobs, self.project(request), after, 10 ** 9)
+            rows, _ = await self.read(self.store.list_jobs, self.project(request), after, 10 ** 9)
             rows = [r for r in rows if not r["metadata"]]
             rows, more = rows[:limit], len(rows) > limit
         else:
-            rows, more = self.read(self.store.list_jobs, self.project(request), after, limit, meta)
+            rows, more = await self.read(self.store.list_jobs, self.project(request), after, limit, meta)
         return page([jobmod.job_object(r) for r in rows], more)
 
     async def retrieve_job(self, request: Request, job_id: str):
@@ -194,13 +217,13 @@ class ServiceApi:
     async def list_events(self, request: Request, job_id: str):
         job = await self.job_row(request, job_id)
         limit = _int(request, "limit", 20, 1, 1000)
-        rows, more = self.read(self.store.list_events, job["id"], request.query_params.get("after"), limit)
+        rows, more = await self.read(self.store.list_events, job["id"], request.query_params.get("after"), limit)
         return page([jobmod.event_object(r) for r in rows], more)
 
     async def list_checkpoints(self, request: Request, job_id: str):
         job = await self.job_row(request, job_id)
         limit = _int(request, "limit", 10, 1, 1000)
-        rows, more = self.read(self.store.list_checkpoints, job["id"], request.query_params.get("after"), limit)
+        rows, more = await self.read(self.store.list_checkpoints, job["id"], request.query_params.get("after"), limit)
         return page([jobmod.checkpoint_object(r) for r in rows], more)
 
     # ---- downloads (a tunesmith extension) ----------------------------------------------------------
@@ -228,7 +251,7 @@ class ServiceApi:
     async def _checkpoint(self, job: dict, ckpt_id: str) -> dict:
         after = None
         while True:  # a job has a handful of checkpoints: find the one asked for
-            rows, more = self.read(self.store.list_checkpoints, job["id"], after, 100)
+            rows, more = await self.read(self.store.list_checkpoints, job["id"], after, 100)
             for r in rows:
                 if r["id"] == ckpt_id:
                     return r

@@ -149,7 +149,8 @@ class KeyCache:
         hit = self._seen.get(key)
         if hit is not None and time.monotonic() - hit[0] < KEY_TTL_S:
             return hit[1]
-        project = self.store.project_for_key(key)  # one indexed read; see ServiceApi.read
+        project = (await asyncio.to_thread(self.store.project_for_key, key) if self.store.postgres
+                   else self.store.project_for_key(key))  # one indexed read; see ServiceApi.read
         if len(self._seen) > 10000:
             self._seen.clear()
         self._seen[key] = (time.monotonic(), project)
@@ -269,6 +270,7 @@ def create_service_app(store: Store, data_dir: Path, models: dict[str, str] | No
         stop = threading.Event()
         threads = _start_workers(workers, store, data_dir, stop, worker_options or {})
         poller = asyncio.create_task(_poll(host, poll_s))
+        await api.validate_leftovers()
         try:
             yield
         finally:
@@ -362,4 +364,10 @@ def serve_service(data_dir: str | Path, db: str | None = None, workers: int = 1,
     app = create_service_app(store, Path(data_dir), parse_models(models or []), workers, **options)
     print(f"tunesmith service on http://{host}:{port}/v1 (data {Path(data_dir).resolve()}, {store!r}, "
           f"{workers} worker(s))", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Keep-alive longer than clients keep idle connections (httpx, under the openai SDK: 5 s, as
+    # uvicorn's default): with equal timeouts a client could send on a connection the server was
+    # closing at that moment, a connection error the SDK retries (or, with max_retries=0, reports).
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
+
+
+KEEP_ALIVE_S = 75  # nginx's default keep-alive

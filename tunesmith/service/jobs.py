@@ -25,7 +25,7 @@ from typing import Any
 from tunesmith import assets
 from tunesmith.config import DEFAULT_LR, RunConfig, load_config, task_facts
 from tunesmith.errors import ConfigError
-from tunesmith.service.store import Store, StoreError
+from tunesmith.service.store import Store, StoreError, new_id
 
 METHODS = {"supervised": "sft", "dpo": "dpo"}  # OpenAI method.type -> tunesmith task
 FORMATS = {"supervised": 'the chat format ({"messages": [...]})',
@@ -82,21 +82,67 @@ def _fail(message: str, param: str | None, code: str = "invalid_request") -> Sto
 # ---- create ---------------------------------------------------------------------------------------
 
 def create_job(store: Store, project_id: str, body: dict[str, Any], data_dir: Path,
-               models: dict[str, str] | None = None) -> dict:
-    """Check an OpenAI job-create body, resolve its hyperparameters and config, insert the job.
+               models: dict[str, str] | None = None, *, validate: bool = True) -> dict:
+    """Check an OpenAI job-create body, resolve its hyperparameters and config, insert the job in
+    status `validating_files`, and (with `validate`) validate its files (validate_job).
 
     Args:
         body: the request's JSON, with the optional "tunesmith" key of extra_body.
         models: NAME -> PATH of the models the service was started with (--model NAME=PATH).
+        validate: validate the files now; False leaves the job in validating_files for the caller
+            to validate (the API answers first and validates in the background, as OpenAI does).
     Returns:
-        The job row (status queued).
+        The job row: status validating_files, or (validated) queued or failed.
     Raises:
         StoreError with the OpenAI `param` of the first problem (tunesmith.<field> for config ones).
     """
     cols = build_job(store, project_id, body, data_dir, models or {})
-    job = store.add_job(project_id, **cols)
-    store.add_event(job["id"], "info", f"Created fine-tuning job: {job['id']}")
-    return job
+    job_id = new_id("ftjob-")
+    job = store.add_job(project_id, messages=(
+        f"Created fine-tuning job: {job_id}", f"Validating training file: {cols['training_file']}"
+        + (f" and validation file: {cols['validation_file']}" if cols.get("validation_file") else "")),
+        **cols | {"id": job_id, "status": "validating_files"})
+    return validate_job(store, job, data_dir) if validate else job
+
+
+def validate_job(store: Store, job: dict, data_dir: Path) -> dict:
+    """validating_files -> queued, or -> failed with `error` {code, message, param}: the job's files
+    read as its own config reads them (task, columns, labels), which the upload's validation could
+    not do (it knew the file, not the job). Each problem names its file and line.
+
+    A job cancelled meanwhile stays cancelled (pause waits for the validation's end: see
+    Store.request). Returns the job row after the move."""
+    from tunesmith.data import load_records, resolve_labels
+    from tunesmith.errors import TunesmithError
+    from tunesmith.tasks import get_task
+
+    error = None
+    try:
+        cfg = run_config(store, job, data_dir)
+        for param, path in (("training_file", cfg.data.train), ("validation_file", cfg.data.validation)):
+            if path is None:
+                continue
+            try:
+                records, src = load_records(path, cfg.data)
+                labels = resolve_labels(cfg, records, src)
+                get_task(cfg.task).read(records, cfg, labels, labels or cfg.data.labels or src.get("labels"))
+            except TunesmithError as e:
+                error = {"code": f"invalid_{param}", "param": param,
+                         "message": f"{param} {job[param]}: {_no_paths(str(e), data_dir)}"}
+                break
+    except StoreError as e:  # a file deleted since the job was made
+        error = {"code": e.code, "param": e.param, "message": str(e)}
+    row = store.end_validation(job["id"], error)
+    if error is None:
+        store.add_event(job["id"], "info", "Files validated, moving job to queued state")
+    else:
+        store.add_event(job["id"], "error", f"File validation failed: {error['message']}")
+    return row
+
+
+def _no_paths(message: str, data_dir: Path) -> str:
+    """A data error's message with the service's folders left out (the client knows file ids)."""
+    return message.replace(str(Path(data_dir).resolve()) + "/", "").replace(str(data_dir) + "/", "")
 
 
 def build_job(store: Store, project_id: str, body: dict[str, Any], data_dir: Path,

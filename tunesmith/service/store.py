@@ -56,6 +56,8 @@ files = sa.Table(
     sa.Column("status_details", sa.Text, nullable=True),
     sa.Column("path", sa.String(1000), nullable=False),  # relative to the data dir
     sa.Column("info", sa.JSON, nullable=True),  # format, n_examples, n_tokens ...
+    # Insertion order, for the list endpoints (created_at has one-second resolution); migration 0003
+    sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
 )
 
 jobs = sa.Table(
@@ -88,6 +90,7 @@ jobs = sa.Table(
     sa.Column("total_steps", sa.Integer, nullable=True),
     sa.Column("webhook", sa.JSON, nullable=True),  # {url, secret}: optional, per job
     sa.Column("model_deleted_at", sa.Integer, nullable=True),  # DELETE /v1/models/{ft:...} (migration 0002)
+    sa.Column("seq", sa.BigInteger, nullable=False, unique=True),  # insertion order, as files.seq (migration 0003)
 )
 
 events = sa.Table(
@@ -211,6 +214,13 @@ class Store:
 
         upgrade(self.engine)
 
+    def _next_seq(self, table: sa.Table) -> dict[str, Any]:
+        """The `seq` of a row being inserted: PostgreSQL's sequence fills it (the column's default,
+        migration 0003); on SQLite max + 1, computed inside the INSERT under its one writer lock."""
+        if self.postgres:
+            return {}
+        return {"seq": sa.select(sa.func.coalesce(sa.func.max(table.c.seq), 0) + 1).scalar_subquery()}
+
     # ---- projects and keys ----------------------------------------------------------------------
 
     def add_key(self, name: str) -> tuple[dict, str]:
@@ -273,7 +283,7 @@ class Store:
                "bytes": bytes, "created_at": now(), "status": "uploaded", "status_details": None, "path": path,
                "info": None, **cols}
         with self._tx() as c:
-            c.execute(files.insert().values(**row))
+            c.execute(files.insert().values(**row, **self._next_seq(files)))
         return row
 
     def update_file(self, id: str, **cols: Any) -> dict | None:
@@ -301,13 +311,18 @@ class Store:
 
     # ---- jobs -----------------------------------------------------------------------------------
 
-    def add_job(self, project_id: str, **cols: Any) -> dict:
-        """Insert a job (status 'queued' unless given); `cols` fill the other columns."""
+    def add_job(self, project_id: str, messages: tuple[str, ...] | list[str] = (), **cols: Any) -> dict:
+        """Insert a job (status 'queued' unless given) and its first info events (`messages`, in one
+        transaction: a commit per event was a third of a job create's time on SQLite, and each is
+        a round trip and a WAL flush on PostgreSQL); `cols` fill the other columns."""
         row = {"id": new_id("ftjob-"), "project_id": project_id, "status": "queued", "created_at": now(),
                "result_files": [], "attempts": 0, "method": {}, "hyperparameters": {}, "tunesmith": {},
                "seed": 0, **cols}
         with self._tx() as c:
-            c.execute(jobs.insert().values(**row))
+            c.execute(jobs.insert().values(**row, **self._next_seq(jobs)))
+            for seq, message in enumerate(messages, 1):  # a new job has no events yet: seq 1, 2 ...
+                c.execute(events.insert().values(id=new_id("ftevent-"), job_id=row["id"], seq=seq, created_at=row["created_at"],
+                                                 level="info", message=message, type="message", data=None, step=None))
             return _row(c.execute(sa.select(jobs).where(jobs.c.id == row["id"])).first())
 
     def get_job(self, project_id: str, id: str) -> dict | None:
@@ -328,6 +343,8 @@ class Store:
         with self.engine.connect() as c:
             q = _page(c, sa.select(jobs).where(jobs.c.project_id == project_id), jobs, after, "desc",
                       extra=(jobs.c.project_id == project_id))
+            if not metadata:  # without a filter, only the page: psycopg fetched every job of the project
+                q = q.limit(limit + 1)
             # JSON filtering differs per dialect; a project's job list is small, so filter here.
             for r in c.execute(q).mappings():
                 meta = r["metadata"] or {}
@@ -372,7 +389,8 @@ class Store:
                       {"status": "cancelled", "finished_at": now(), "requested": None}),
                      ((j.status == "running"), {"requested": "cancel"})]
         elif what == "pause":
-            moves = [((j.status.in_(("validating_files", "queued"))), {"status": "paused"}),
+            # not while validating_files: a resume would queue a job whose files were never validated
+            moves = [((j.status == "queued"), {"status": "paused"}),
                      ((j.status == "running") & (j.requested.is_(None) | (j.requested == "pause")),
                       {"requested": "pause"})]
         elif what == "resume":
@@ -391,6 +409,22 @@ class Store:
         state = job["status"] + (f" ({job['requested']} requested)" if job["requested"] else "")
         raise StoreError(f"cannot {what} a job that is {state}", code="invalid_state")
 
+    def end_validation(self, job_id: str, error: dict | None = None) -> dict | None:
+        """A job's files were validated: validating_files -> queued, or with `error` -> failed.
+        A job cancelled meanwhile stays cancelled. Returns the job row after the move."""
+        j = jobs.c
+        values = {"status": "queued"} if error is None else {"status": "failed", "error": error, "finished_at": now()}
+        with self._tx() as c:
+            row = c.execute(jobs.update().where(j.id == job_id, j.status == "validating_files").values(**values)
+                            .returning(jobs)).first()
+            return dict(row._mapping) if row is not None else _row(c.execute(sa.select(jobs).where(j.id == job_id)).first())
+
+    def jobs_validating(self) -> list[dict]:
+        """Every project's jobs still in validating_files (a service that stopped mid-validation)."""
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.select(jobs).where(jobs.c.status == "validating_files")
+                                                        .order_by(jobs.c.seq))]
+
     # ---- the worker side -------------------------------------------------------------------------
 
     def _clock(self):
@@ -407,7 +441,7 @@ class Store:
         t = time.time()
         clock = self._clock()
         claimable = sa.or_(jobs.c.status == "queued", (jobs.c.status == "running") & (jobs.c.lease_until < clock))
-        pick = (sa.select(jobs.c.id).where(claimable).order_by(jobs.c.created_at, jobs.c.id).limit(1)
+        pick = (sa.select(jobs.c.id).where(claimable).order_by(jobs.c.seq).limit(1)
                 .with_for_update(skip_locked=True))  # PostgreSQL only; SQLite's compiler leaves it out
         stmt = (jobs.update().where(jobs.c.id == pick.scalar_subquery(), claimable)
                 .values(status="running", worker_id=worker_id, lease_until=clock + lease_s, attempts=jobs.c.attempts + 1,
@@ -529,15 +563,12 @@ class Store:
 
 
 def _page(c: Connection, q: sa.Select, table: sa.Table, after: str | None, order: str, extra) -> sa.Select:
-    """Order by (created_at, id) and continue past the row `after` (ids are random, so created_at
-    leads and the id breaks ties). An unknown `after` gives an empty page."""
-    key = (table.c.created_at, table.c.id)
+    """Order by insertion (`seq`) and continue past the row `after`. (created_at has one-second
+    resolution: rows of the same second came back in random-id order.) An unknown `after`, or
+    another project's, gives an empty page."""
     if after:
-        ref = c.execute(sa.select(table.c.created_at).where(table.c.id == after, extra)).scalar()
+        ref = c.execute(sa.select(table.c.seq).where(table.c.id == after, extra)).scalar()
         if ref is None:
             return q.where(sa.false())
-        if order == "desc":
-            q = q.where(sa.or_(key[0] < ref, (key[0] == ref) & (key[1] < after)))
-        else:
-            q = q.where(sa.or_(key[0] > ref, (key[0] == ref) & (key[1] > after)))
-    return q.order_by(*(k.desc() for k in key)) if order == "desc" else q.order_by(*key)
+        q = q.where(table.c.seq < ref if order == "desc" else table.c.seq > ref)
+    return q.order_by(table.c.seq.desc() if order == "desc" else table.c.seq)

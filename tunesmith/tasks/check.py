@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,6 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
         findings' messages), an `estimate` of training time and peak memory, and `timings`.
         An unreadable file still raises.
     """
-    from tunesmith.models.load import load_tokenizer, resolve_model_path
-
     clock = _Clock()
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     try:  # the config's own data files, for the cross-file checks
@@ -87,25 +86,21 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
         counts = Counter(labels[e.label] for e in examples if e.label is not None)
         report["labels"] = {name: counts.get(name, 0) for name in labels}
         found += findings.balance(report["labels"], held_out)
-    if examples and isinstance(examples[0], Example):  # text, classification and SFT records (pairs: task.describe)
-        found += _text_checks(report, examples, cfg, given, records, labels, label_check, near_threshold, clock)
-    if examples:
-        tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-        sample = _sample(examples, token_sample, cfg.data.seed)
-        try:
-            feats, stats = task.encode(sample, fmt, cfg, tok, task.chat(cfg, fmt, sample, tok))
-        except DataError as e:
-            report["problems"] += [str(p) for p in e.problems]
-            feats, stats = [], None
-        clock.lap("tokenize")
-        report.update(task.describe(examples, feats))
-        if stats is not None and stats.lengths:
-            report["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats), len(examples))
-            if not held_out:
-                lengths = [len(f["input_ids"]) for f in feats if "input_ids" in f] or \
-                    [min(n, cfg.data.max_length) for n in stats.lengths]  # what trains: truncated, packed
-                report["estimate"] = _estimate(cfg, lengths, len(labels or []), len(examples) / len(sample))
-                clock.lap("estimate")
+    # Both cores: the tokenizer (Rust) and the label model (sklearn's SGD loop) release the GIL, and
+    # so do the numpy passes of the duplicate and junk checks, so the stages overlap in threads.
+    if examples and not held_out:  # the estimate's matmul speed, measured before the threads compete for the CPU
+        _measure_speed(cfg)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        tokens = pool.submit(_token_report, task, fmt, examples, cfg, token_sample, held_out, labels) \
+            if examples else None
+        if examples and isinstance(examples[0], Example):  # text, classification and SFT records (pairs: task.describe)
+            found += _text_checks(report, examples, cfg, given, records, labels, label_check, near_threshold,
+                                  clock, pool)
+        if tokens is not None:
+            part, problems, laps = tokens.result()
+            report["problems"] += problems
+            report.update(part)
+            clock.laps.update(laps)
     report["findings"] = [f.as_dict() for f in found]
     for f in found:
         report[{"error": "problems", "warning": "warnings", "info": "notes"}[f.severity]].append(f.message)
@@ -114,15 +109,43 @@ def check_data(path: str | Path, config: str | Path | dict | None = None,
     return report
 
 
+def _token_report(task, fmt, examples: list, cfg, token_sample: int | None, held_out: bool,
+                  labels: list[str] | None) -> tuple[dict[str, Any], list[str], dict]:
+    """Token statistics of a sample (or all) of the examples, what the task makes of them, and the
+    estimate of training time and memory. Returns (report entries, problems, timings); runs in its
+    own thread (check_data)."""
+    from tunesmith.models.load import load_tokenizer, resolve_model_path
+
+    clock, part, problems = _Clock(), {}, []
+    tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    sample = _sample(examples, token_sample, cfg.data.seed)
+    try:
+        feats, stats = task.encode(sample, fmt, cfg, tok, task.chat(cfg, fmt, sample, tok))
+    except DataError as e:
+        problems += [str(p) for p in e.problems]
+        feats, stats = [], None
+    clock.lap("tokenize")
+    part.update(task.describe(examples, feats))
+    if stats is not None and stats.lengths:
+        part["tokens"] = _token_stats(stats, cfg.data.max_length, len(feats), len(examples))
+        if not held_out:
+            lengths = [len(f["input_ids"]) for f in feats if "input_ids" in f] or \
+                [min(n, cfg.data.max_length) for n in stats.lengths]  # what trains: truncated, packed
+            part["estimate"] = _estimate(cfg, lengths, len(labels or []), len(examples) / len(sample))
+            clock.lap("estimate")
+    return part, problems, clock.laps
+
+
 class _Clock:
-    """Wall and CPU seconds per stage of the check, for the report (and bench/data_check.py)."""
+    """Wall and CPU seconds per stage of the check, for the report (and bench/data_check.py). CPU is
+    the calling thread's: stages run in two threads at once (check_data), each with its own clock."""
 
     def __init__(self) -> None:
         self.laps: dict[str, dict[str, float]] = {}
-        self._t, self._cpu = time.perf_counter(), time.process_time()
+        self._t, self._cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, name: str) -> None:
-        now, cpu = time.perf_counter(), time.process_time()
+        now, cpu = time.perf_counter(), time.thread_time()
         lap = self.laps.setdefault(name, {"wall": 0.0, "cpu": 0.0})
         lap["wall"] = round(lap["wall"] + now - self._t, 3)
         lap["cpu"] = round(lap["cpu"] + cpu - self._cpu, 3)
@@ -153,13 +176,16 @@ def _sample(examples: list, n: int | None, seed: int) -> list:
 
 
 def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, records, labels, label_check: bool,
-                 near: float, clock: _Clock) -> list[Finding]:
-    """Duplicates, leakage against the config's other files, junk, length outliers, label errors."""
+                 near: float, clock: _Clock, pool: ThreadPoolExecutor) -> list[Finding]:
+    """Duplicates, leakage against the config's other files, junk, length outliers, label errors
+    (the last in a thread of `pool` while the others run)."""
     everything = [findings.all_text(e) for e in examples]
     w_all = dedup.words(everything)
     inputs = [findings.input_text(e) for e in examples]
     w_in = w_all if inputs == everything else dedup.words(inputs)
     clock.lap("words")
+    label_errors = pool.submit(_label_errors, examples, w_all, labels, cfg.data.seed) \
+        if label_check and labels and get_task(cfg.task).head == "labels" else None
     split_from_file = given is None or not (given.data.test and given.data.validation)
     out = findings.duplicates(examples, dedup.shingle(w_in, findings.SHINGLE), split_from_file, near)
     clock.lap("duplicates")
@@ -168,12 +194,18 @@ def _text_checks(report: dict[str, Any], examples: list[Example], cfg, given, re
         clock.lap("leakage")
     out += findings.junk(examples, everything, w_all) + findings.lengths(examples, w_all)
     clock.lap("junk_and_lengths")
-    if label_check and labels and get_task(cfg.task).head == "labels":
-        found, facts = findings.label_errors(examples, w_all, labels, cfg.data.seed)
-        report["label_check"] = facts
+    if label_errors is not None:
+        found, report["label_check"], laps = label_errors.result()
         out += found
-        clock.lap("label_issues")
+        clock.laps.update(laps)
     return out
+
+
+def _label_errors(examples: list[Example], w, labels: list[str], seed: int) -> tuple[list[Finding], dict, dict]:
+    clock = _Clock()
+    found, facts = findings.label_errors(examples, w, labels, seed)
+    clock.lap("label_issues")
+    return found, facts, clock.laps
 
 
 def _against_other_files(report: dict[str, Any], records, examples: list[Example], cfg, given,
@@ -240,6 +272,15 @@ def _estimate(cfg, lengths: list[int], num_labels: int, scale: float) -> dict[st
     eval_tokens = sum(lengths[i] for i in order[:n_eval]) if n_eval else sum(lengths) // 10
     return estimate_run(cfg, resolve_model_path(cfg.model.name_or_path), num_labels, train,
                         round(eval_tokens * scale) // 2, scale)
+
+
+def _measure_speed(cfg) -> None:
+    """models/estimate.py's matmul speed of the run's device (cached per process)."""
+    from tunesmith.models.device import resolve_device
+    from tunesmith.models.estimate import matmul_gflops
+
+    device = resolve_device(cfg.train)
+    matmul_gflops(device if device in ("cpu", "cuda") else "cpu")
 
 
 def _label_values(records, cfg) -> list[str]:
