@@ -502,7 +502,10 @@ class Api:
             raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded", param="lora_name")
         try:
             served, weights = await asyncio.to_thread(self.registry.read_adapter, req.lora_name, req.lora_path)
-            await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
+            # into a free slot at once, not after the running decoding step (which can take longer
+            # than the load); past the slots laid out, the engine thread lays them out again
+            if await asyncio.to_thread(self.registry.try_attach_adapter, served, weights) is None:
+                await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
         except TunesmithError as e:
             raise ApiError(400, str(e), param="lora_path") from None
         self.metrics.adapters.set(len(self.registry.gen.bank.slots) - 1)

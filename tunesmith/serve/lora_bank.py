@@ -23,6 +23,7 @@ loader and config (no peft model is built); these stacks are the only copy of th
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,8 @@ class LoraBank:
         self._folded_weights: dict[str, nn.Parameter] = {}
         self._solo: tuple[str | None, int] = (None, 0)  # adapter running alone, for how many forwards
         self.param_bytes: dict[str, int] = {}
+        # Slot-table changes (attach, remove) hold this: try_attach runs off the engine thread.
+        self._lock = threading.Lock()
 
     # ---- loading ------------------------------------------------------------------------------
     def add(self, name: str, path: Path) -> None:
@@ -134,28 +137,45 @@ class LoraBank:
 
     def attach(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Add read weights as a new slot (the engine thread only: the next forward sees it)."""
-        rank = max(self.rank, max(a.shape[0] for a, _, _ in weights.values()))
-        for module in weights:
-            if module not in self.banks:
-                layer = self.model.get_submodule(module)
-                self.banks[module] = bank = _Bank(layer)
-                layer.forward = _banked_forward(layer, bank, self)
-        if rank != self.rank or len(self.slots) == self.capacity or any(b.a is None for b in self.banks.values()):
-            self._layout(rank, max(INITIAL_SLOTS, self.capacity * (2 if len(self.slots) == self.capacity else 1)))
+        with self._lock:
+            rank = max(self.rank, max(a.shape[0] for a, _, _ in weights.values()))
+            for module in weights:
+                if module not in self.banks:
+                    layer = self.model.get_submodule(module)
+                    self.banks[module] = bank = _Bank(layer)
+                    layer.forward = _banked_forward(layer, bank, self)
+            if rank != self.rank or len(self.slots) == self.capacity or any(b.a is None for b in self.banks.values()):
+                self._layout(rank, max(INITIAL_SLOTS, self.capacity * (2 if len(self.slots) == self.capacity else 1)))
+            self._fill(name, weights)
+
+    def try_attach(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> bool:
+        """attach() from any thread while the engine decodes, when the adapter fits a free slot of the
+        stacks as laid out (its rank at most the bank's, its layers already banked): the forward in
+        progress reads other slots only, and the slot becomes visible once written. Returns False,
+        changing nothing, when the stacks must be laid out again: then attach() on the engine thread."""
+        with self._lock:
+            fits = (len(self.slots) < self.capacity and all(a.shape[0] <= self.rank for a, _, _ in weights.values())
+                    and all(m in self.banks and self.banks[m].a is not None for m in weights))
+            if fits:
+                self._fill(name, weights)
+            return fits
+
+    def _fill(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         slot = len(self.slots)
-        self.slots.append(name)
         for module, bank in self.banks.items():
             self._write(bank, slot, weights.get(module))
         self.param_bytes[name] = sum(a.nbytes + b.nbytes for a, b, _ in weights.values())
+        self.slots.append(name)  # last: a route can name the slot only once it is whole
 
     def _write(self, bank: _Bank, slot: int, w: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
-        bank.a[slot] = 0.0
-        bank.bt[slot] = 0.0
+        r = 0 if w is None else w[0].shape[0]
+        bank.a[slot, r:] = 0.0  # zero rows of A / B^T past its rank add exact zeros
+        bank.bt[slot, r:] = 0.0
         bank.scale[slot] = 0.0
-        if w is not None:  # zero rows of A / B^T past its rank add exact zeros
+        if w is not None:  # each byte written once: a hot load's cost is its own size
             a, b, s = w
-            bank.a[slot, :a.shape[0]] = a.to(bank.a.device, bank.a.dtype)
-            bank.bt[slot, :b.shape[1]] = b.t().to(bank.bt.device, bank.bt.dtype)
+            bank.a[slot, :r] = a.to(bank.a.device, bank.a.dtype)
+            bank.bt[slot, :r] = b.t().to(bank.bt.device, bank.bt.dtype)
             bank.scale[slot] = s
 
     def _layout(self, rank: int, capacity: int) -> None:
@@ -176,13 +196,14 @@ class LoraBank:
 
     def remove(self, name: str) -> None:
         """Drop an adapter: the last slot moves into its place (the engine thread only)."""
-        slot, last = self.slots.index(name), len(self.slots) - 1
-        if slot != last:
-            for bank in self.banks.values():
-                bank.a[slot], bank.bt[slot], bank.scale[slot] = bank.a[last], bank.bt[last], bank.scale[last]
-            self.slots[slot] = self.slots[last]
-        self.slots.pop()
-        self.param_bytes.pop(name, None)
+        with self._lock:
+            slot, last = self.slots.index(name), len(self.slots) - 1
+            if slot != last:
+                for bank in self.banks.values():
+                    bank.a[slot], bank.bt[slot], bank.scale[slot] = bank.a[last], bank.bt[last], bank.scale[last]
+                self.slots[slot] = self.slots[last]
+            self.slots.pop()
+            self.param_bytes.pop(name, None)
         if self.folded == name:
             self.unfold()
             self._folded_weights, self.folded = {}, None

@@ -258,8 +258,19 @@ class Registry:
         return served, self.gen.bank.read(adapter_dir)
 
     def attach_adapter(self, served: Served, weights: dict) -> Served:
+        """Add a read adapter (the engine thread: its stacks may be laid out again)."""
         self._unique(served.id)
         self.gen.bank.attach(served.id, weights)
+        self.models[served.id] = served
+        _release_freed_memory()
+        return served
+
+    def try_attach_adapter(self, served: Served, weights: dict) -> Served | None:
+        """attach_adapter from any thread, without waiting for the engine's step, when the adapter fits
+        a free slot (LoraBank.try_attach); None when it must go through the engine thread."""
+        self._unique(served.id)
+        if not self.gen.bank.try_attach(served.id, weights):
+            return None
         self.models[served.id] = served
         _release_freed_memory()
         return served
