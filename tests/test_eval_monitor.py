@@ -194,3 +194,54 @@ def test_static_embeddings_are_the_mean_of_the_token_rows(runs):
                                 add_special_tokens=False)["input_ids"]
         assert len(long_text) > 16 * loaded.cfg.data.max_length
         assert static_embeddings(loaded, [long_text])[0] == pytest.approx(table[full].mean(0), abs=1e-5)
+
+
+def test_monitor_reads_the_servers_request_log(runs, tmp_path):
+    """A real `tunesmith serve --request-log` process classifies clean reviews, then off-topic verses;
+    `tunesmith monitor --request-log` finds the drift in the second window only, from the served
+    predictions (equal to `tunesmith predict`'s)."""
+    pytest.importorskip("fastapi")
+    import urllib.request
+
+    from tests.conftest import ServerProcess
+    from tunesmith.runs import predict
+
+    log = tmp_path / "requests.jsonl"
+    srv = ServerProcess([f"sent={runs['lora']}", "--request-log", str(log), "--precision", "fp32"],
+                        tmp_path / "server.log", threads=1)
+    rng = random.Random(5)
+    bible = ["thee thou hath unto lord spake verily begat", "and it came to pass in those days"]
+    clean = [r["text"] for r in _reviews(40, 31)]
+    verses = [" ".join(rng.choice(bible).split() * 3) for _ in range(40)]
+    try:
+        for i in range(0, 80, 10):  # 8 requests of 10 inputs
+            body = json.dumps({"model": "sent", "input": (clean + verses)[i:i + 10]}).encode()
+            req = urllib.request.Request(srv.url + "/classify", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                assert r.status == 200
+    finally:
+        srv.stop()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 80 and log.read_text().endswith("\n")
+    assert {x["model"] for x in lines} == {"sent"} and {x["endpoint"] for x in lines} == {"/classify"}
+    want = predict(runs["lora"], clean[:10])
+    assert [(x["input"], x["label"]) for x in lines[:10]] == [(w["input"], w["label"]) for w in want]
+    assert all(abs(x["probability"] - w["probability"]) < 1e-3 for x, w in zip(lines, want))
+
+    assert run(["monitor", str(runs["lora"]), "--request-log", str(log), "--window", "40", "--reference", "80",
+                "--out", str(tmp_path / "m")]) == 1  # drift
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert rep["predictions"] == "from the server's request log (model 'sent')"
+    assert [w["drift"] for w in rep["windows"]] == [False, True]
+    assert {"predicted_label", "probability"} <= set(rep["windows"][0]["tests"])
+
+    bad = tmp_path / "bad.jsonl"
+    text = log.read_text().splitlines()
+    bad.write_text("\n".join(text[:2] + ['{"model": "sent", "input": "cut off'] + text[3:]) + "\n")
+    with pytest.raises(TunesmithError, match=r"bad\.jsonl:line 3: not a JSON line"):
+        run(["monitor", str(runs["lora"]), "--request-log", str(bad), "--out", str(tmp_path / "never")])
+    with pytest.raises(TunesmithError, match=r"no request of model 'other' in the log \(it has: sent\)"):
+        run(["monitor", str(runs["lora"]), "--request-log", str(log), "--model", "other", "--out", str(tmp_path / "never")])
+    with pytest.raises(TunesmithError, match="--data FILE or --request-log FILE"):
+        run(["monitor", str(runs["lora"]), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

@@ -72,7 +72,8 @@ def runs(tmp_path_factory, tiny_llama, tiny_bert):
 def server(runs, tiny_llama, tiny_bert):
     srv = ServerProcess([f"base={tiny_llama}", f"A={runs['A']}", f"B={runs['B']}", f"cls={runs['cls']}",
                          f"rw={runs['rw']}", f"emb={tiny_bert}", "--api-key", KEY, "--api-key", "sk-test-2",
-                         "--precision", "fp32"], runs["tmp"] / "server.log", threads=1)
+                         "--precision", "fp32", "--request-log", str(runs["tmp"] / "requests.jsonl")],
+                        runs["tmp"] / "server.log", threads=1)
     yield srv
     srv.stop()
 
@@ -329,6 +330,34 @@ def test_metrics_per_adapter_and_key(server, client):
                  'tunesmith_prompt_tokens_total{api_key'):
         assert name in text, name
     assert "tunesmith_adapters_loaded 2.0" in text
+
+
+def test_request_log_has_one_line_per_finished_input(server, client, runs):
+    """--request-log: chat (plain and streamed), completions with n=2 and classify each append their
+    inputs and replies; a refused request appends nothing."""
+    log = runs["tmp"] / "requests.jsonl"
+    start = len(log.read_text().splitlines()) if log.exists() else 0
+    plain = _chat(client, "A", QUESTIONS[1])
+    s = client.chat.completions.create(model="B", messages=[{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": QUESTIONS[2]}],
+                                       temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    c = client.completions.create(model="A", prompt=["what city", "what year"], max_tokens=3, temperature=0, n=2)
+    status, _ = _post(server, "/classify", {"model": "cls", "input": ["the movie superb"]})
+    assert status == 200
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, "nope", "hi")
+    lines = [json.loads(x) for x in log.read_text().splitlines()[start:]]
+    assert [(x["model"], x["endpoint"]) for x in lines] == [
+        ("A", "/v1/chat/completions"), ("B", "/v1/chat/completions"), ("A", "/v1/completions"),
+        ("A", "/v1/completions"), ("cls", "/classify")]
+    assert lines[0]["input"] == QUESTIONS[1] and lines[0]["output"].strip() == plain
+    assert lines[1]["input"] == QUESTIONS[2] and lines[1]["output"] == streamed
+    assert lines[1]["messages"] == f"system: be brief\nuser: {QUESTIONS[2]}"
+    assert [x["input"] for x in lines[2:4]] == ["what city", "what year"]
+    assert [x["outputs"] for x in lines[2:4]] == [[ch.text for ch in c.choices[:2]], [ch.text for ch in c.choices[2:]]]
+    assert lines[4]["input"] == "the movie superb" and lines[4]["label"] == predict(runs["cls"], ["the movie superb"])[0]["label"]
+    assert all(x["time"].endswith("Z") for x in lines)
 
 
 def test_engine_vllm_prints_the_vllm_command(runs, tiny_llama, capsys):

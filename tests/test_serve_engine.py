@@ -163,3 +163,31 @@ def test_bank_grows_past_capacity_and_removes_in_place(setup, monkeypatch):
     after = logits(["y", "z", None, "y"])
     assert torch.allclose(after[0], mixed[2], atol=1e-5) and torch.allclose(after[1], mixed[3], atol=1e-5)
     assert torch.allclose(mixed[3], before[1], atol=1e-5)  # z is x's adapter file
+
+
+def test_try_attach_fills_a_free_slot_and_leaves_a_relayout_to_the_engine(setup, monkeypatch):
+    """A hot load writes a free slot from any thread (no wait for the running step) only when the stacks
+    need no new layout; the slot then computes exactly what attach() on the engine thread gives."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve import lora_bank
+
+    base_path, adapters = setup
+    monkeypatch.setattr(lora_bank, "INITIAL_SLOTS", 3)
+    banks = [lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval().to(DEVICE)) for _ in range(2)]
+    small, big = banks[0].read(adapters["a0"]), banks[0].read(adapters["a1"])  # ranks 4 and 8
+    assert not banks[0].try_attach("x", small) and banks[0].slots == [None]  # nothing laid out yet
+    for bank in banks:
+        bank.attach("y", big)
+    assert banks[0].try_attach("x", small)  # rank 4 into the rank-8 stacks' free slot
+    banks[1].attach("x", small)
+    assert banks[0].slots == banks[1].slots == [None, "y", "x"]
+    ids = torch.tensor([[5, 6, 7, 8]] * 4, device=DEVICE)
+
+    def logits(bank):
+        bank.use(["x", "y", None, "x"])
+        with torch.no_grad():
+            return bank.model(input_ids=ids).logits
+
+    assert torch.equal(logits(banks[0]), logits(banks[1]))
+    assert not banks[0].try_attach("z", small) and banks[0].slots == [None, "y", "x"]  # full: the engine's job

@@ -60,8 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("monitor", help="test new inputs (and predictions) for drift from a run's data, window by window")
     mo.add_argument("run", help="the run folder of the deployed model")
-    mo.add_argument("--data", required=True, help="new inputs: a .txt file (one per line), a data file read through the "
+    mo.add_argument("--data", help="new inputs: a .txt file (one per line), a data file read through the "
                     "run's data.columns, or `tunesmith predict --json` lines (an 'input' field + the predictions)")
+    mo.add_argument("--request-log", metavar="FILE.jsonl", help="instead of --data: the log of `tunesmith serve "
+                    "--request-log FILE.jsonl` (its inputs and the served predictions)")
+    mo.add_argument("--model", help="with --request-log: the served model id whose requests to test (default: the "
+                    "log's only model, else the run folder's name)")
     mo.add_argument("--window", type=int, default=500, help="inputs per window, in file order (default 500)")
     mo.add_argument("--reference", type=int, default=1000, help="reference inputs from the run's held-out split (default 1000)")
     mo.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate per window (default 0.05)")
@@ -143,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
     sv.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: the first run's train.precision")
     sv.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
+    sv.add_argument("--request-log", metavar="FILE.jsonl", help="append one JSON line per finished request (model, "
+                    "endpoint, input, prediction or reply) for `tunesmith monitor RUN --request-log FILE`; off by default")
     sv.add_argument("--engine", choices=["tunesmith", "vllm"], default="tunesmith",
                     help="vllm: print the `vllm serve` command for the same folders (and run it where vLLM is installed)")
 
@@ -270,7 +276,8 @@ def run(argv: list[str]) -> int:
         from tunesmith.monitor import monitor, monitor_markdown
 
         _no_overrides(rest)
-        report = monitor(args.run, args.data, args.window, args.reference, args.alpha, args.out)
+        report = monitor(args.run, args.data, args.window, args.reference, args.alpha, args.out,
+                         request_log=args.request_log, model=args.model)
         print(json.dumps(report, indent=2) if args.json else monitor_markdown(report) + f"\nwritten to {report['out']}")
         return 1 if report["drift"] else 0
     elif args.command == "predict":
@@ -332,7 +339,7 @@ def run(argv: list[str]) -> int:
             return run_vllm(args.models, args.host, args.port, args.api_key)
         from tunesmith.serve import serve
 
-        serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch)
+        serve(args.models, args.host, args.port, args.api_key, args.precision, args.max_batch, args.request_log)
     elif args.command == "search":
         return _search(args, rest)
     elif args.command == "service":

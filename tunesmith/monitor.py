@@ -14,8 +14,9 @@ window of unchanged data raises a false alarm with probability at most alpha.
 
 The reference is the run's held-out split (test, else validation, else train), not the examples
 it trained on: a model is more confident on those, and its confidence would "drift" on any new
-data. Predictions come from the file when it holds them (`tunesmith predict --json` lines, or a
-server's log: an "input" field and the prediction's fields), else from running the model.
+data. Predictions come from the file when it holds them (`tunesmith predict --json` lines, or
+`tunesmith serve --request-log`'s lines for one model: an "input" field and the prediction's
+fields), else from running the model.
 """
 from __future__ import annotations
 
@@ -182,6 +183,65 @@ def read_new_inputs(path: str | Path, loaded: LoadedModel) -> tuple[list[str], l
     return texts, None
 
 
+def read_request_log(path: str | Path, model: str | None, run_dir: Path) -> tuple[list[str], list[dict], str]:
+    """(texts, logged fields, model id) of one model's lines in a `tunesmith serve --request-log` file.
+    `model`: the served model id to keep (default: the only one in the log, else the run folder's
+    name, the id the server gives a run it was not told to name).
+
+    Raises:
+        TunesmithError naming the file and line of a line that is not a log record, or when the log
+        has no line of the model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TunesmithError(f"request log not found: {p.absolute()}")
+    rows: list[tuple[int, dict]] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TunesmithError(f"{p}:line {n}: not a JSON line ({e.msg}); is this a tunesmith serve "
+                                     "--request-log file?") from None
+            if not isinstance(rec, dict):
+                raise TunesmithError(f"{p}:line {n}: expected a JSON object, got {type(rec).__name__}")
+            for field in ("model", "input"):
+                if not isinstance(rec.get(field), str):
+                    raise TunesmithError(f"{p}:line {n}: field '{field}': expected text, got "
+                                         f"{type(rec.get(field)).__name__}")
+            rows.append((n, rec))
+    models = sorted({r["model"] for _, r in rows})
+    if model is None:
+        model = models[0] if len(models) == 1 else run_dir.name
+    kept = [(n, r) for n, r in rows if r["model"] == model]
+    if not kept:
+        raise TunesmithError(f"{p}: no request of model '{model}' in the log (it has: {', '.join(models) or 'none'}); "
+                             "name the run's model id with --model NAME")
+    meta = {"time", "model", "endpoint", "input"}
+    preds = [{k: v for k, v in r.items() if k not in meta} | {"_line": n} for n, r in kept]
+    return [r["input"] for _, r in kept], preds, model
+
+
+def _logged_fields(preds: list[dict], ref: list[dict], path: Path) -> list[dict]:
+    """A request log's lines cut to the fields the run predicts. A /score line's "score" stands for
+    the run's one numeric prediction (a reward run's `predict` calls it "reward")."""
+    want = list(ref[0])
+    out = []
+    for p in preds:
+        row = {}
+        for field in want:
+            value = p.get(field, p.get("score") if len(want) == 1 else None)
+            if value is None:
+                raise TunesmithError(f"{path}:line {p['_line']}: no '{field}' field; this run predicts {want} "
+                                     f"(the line has {sorted(k for k in p if k != '_line')}): a request to another "
+                                     "endpoint than the run's?")
+            row[field] = value
+        out.append(row)
+    return out
+
+
 def _check_logged(preds: list[dict], ref: list[dict], path: Path) -> None:
     if sorted(preds[0]) != sorted(ref[0]):
         raise TunesmithError(f"{path}: its predictions have the fields {sorted(preds[0])}, but this run predicts "
@@ -196,29 +256,42 @@ def _windows(n: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def monitor(run: str | Path, data: str | Path, window: int = 500, reference: int = 1000, alpha: float = 0.05,
-            out: str | Path | None = None, permutations: int = 300, seed: int = 0) -> dict[str, Any]:
+def monitor(run: str | Path, data: str | Path | None = None, window: int = 500, reference: int = 1000,
+            alpha: float = 0.05, out: str | Path | None = None, permutations: int = 300, seed: int = 0,
+            request_log: str | Path | None = None, model: str | None = None) -> dict[str, Any]:
     """Test new inputs (and predictions) for drift against the run's data, window by window.
-    Writes report.json, report.md and drift.png to `out` (default RUN/monitor/<data file's name>).
+    The inputs: `data` (a file of inputs or of predictions), or `request_log` (a `tunesmith serve
+    --request-log` file; its lines of model id `model`, see read_request_log). Writes report.json,
+    report.md and drift.png to `out` (default RUN/monitor/<data file's name>).
 
     Raises:
         TunesmithError for a bad run, file, line or setting, before anything is written.
     """
+    if (data is None) == (request_log is None):
+        raise TunesmithError("monitor: give the new inputs as --data FILE or --request-log FILE (one of them)")
+    if model is not None and request_log is None:
+        raise TunesmithError("--model: only with --request-log (it picks that model's lines of the log)")
     if window < MIN_WINDOW:
         raise TunesmithError(f"--window: at least {MIN_WINDOW} inputs per window (got {window})")
     if not 0 < alpha < 1:
         raise TunesmithError(f"--alpha: between 0 and 1 (got {alpha})")
-    run_dir, path = Path(run), Path(data)
+    run_dir, path = Path(run), Path(data if data is not None else request_log)
     t0 = time.perf_counter()
     loaded = load_run(run_dir)
-    texts, preds = read_new_inputs(path, loaded)
+    if request_log is not None:
+        texts, preds, model = read_request_log(path, model, run_dir)
+    else:
+        texts, preds = read_new_inputs(path, loaded)
     if len(texts) < MIN_WINDOW:
         raise TunesmithError(f"{path}: {len(texts)} inputs; a drift test needs at least {MIN_WINDOW}")
     ref = build_reference(loaded, run_dir, reference, seed)
     t_ref = time.perf_counter()
-    if preds is not None:
+    if request_log is not None:
+        preds = _logged_fields(preds, ref.predictions, path)
+    elif preds is not None:
         _check_logged(preds, ref.predictions, path)
-    source = "logged in the file" if preds is not None else "computed by the run"
+    source = (f"from the server's request log (model '{model}')" if request_log is not None else
+              "logged in the file" if preds is not None else "computed by the run")
     preds = preds if preds is not None else run_predictions(loaded, texts)
     t_pred = time.perf_counter()
     emb = static_embeddings(loaded, texts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -26,6 +27,9 @@ from tunesmith.serve import protocol as P
 from tunesmith.serve.engine import GenRequest, SamplingParams
 from tunesmith.serve.metrics import Metrics, key_label
 from tunesmith.serve.models import Registry, Served
+from tunesmith.serve.request_log import RequestLog, render_messages
+
+log = logging.getLogger("tunesmith.serve")
 
 
 class ApiError(Exception):
@@ -67,11 +71,13 @@ ROUTES = [("GET", "/health", "health"), ("GET", "/metrics", "prom"), ("GET", "/v
           ("POST", "/v1/load_lora_adapter", "load_lora"), ("POST", "/v1/unload_lora_adapter", "unload_lora")]
 
 
-def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The server's app over a loaded registry (its engine already running): routes, errors, auth."""
+def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: Metrics | None = None,
+               request_log: RequestLog | None = None) -> FastAPI:
+    """The server's app over a loaded registry (its engine already running): routes, errors, auth.
+    `request_log`: where finished requests are logged for `tunesmith monitor` (None: nowhere)."""
     app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None)
     app.state.registry = registry
-    api = Api(registry, set(api_keys or []), metrics or Metrics())
+    api = Api(registry, set(api_keys or []), metrics or Metrics(), request_log)
     keys, metrics = api.keys, api.metrics
     for method, path, endpoint in ROUTES:
         app.add_api_route(path, getattr(api, endpoint), methods=[method])
@@ -116,8 +122,9 @@ def create_app(registry: Registry, api_keys: list[str] | None = None, metrics: M
 class Api:
     """The endpoints (one method each, registered in ROUTES) over a registry, its engine and metrics."""
 
-    def __init__(self, registry: Registry, keys: set[str], metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, keys: set[str], metrics: Metrics, request_log: RequestLog | None = None) -> None:
         self.registry, self.keys, self.metrics = registry, keys, metrics
+        self.request_log = request_log
         self.engine = registry.engine
         metrics.adapters.set(len(registry.gen.bank.slots) - 1 if registry.gen else 0)
 
@@ -148,6 +155,27 @@ class Api:
         cards = [P.ModelCard(id=s.id, created=s.created, root=s.root, parent=s.parent, serves=sorted(s.serves))
                  for s in self.registry.models.values() if not s.unloading]
         return P.ModelList(data=cards).model_dump(exclude_none=True)
+
+    def log_rows(self, served: Served, endpoint: str, rows: list[dict]) -> None:
+        """Append finished requests to the request log, if there is one. The reply has been computed:
+        a log that cannot be written (disk full) is reported in the server's log, not to the client."""
+        if self.request_log is None:
+            return
+        try:
+            self.request_log.write(served.id, endpoint, rows)
+        except OSError:
+            log.exception("request log %s: could not append %d line(s)", self.request_log.path, len(rows))
+
+    def log_generated(self, served: Served, endpoint: str, inputs: list[dict] | None, texts: dict[int, str],
+                      n: int) -> None:
+        """One log line per prompt: its input fields and its reply (choice 0 as "output"; all n as "outputs")."""
+        if self.request_log is None or inputs is None:
+            return
+        rows = []
+        for i, fields in enumerate(inputs):
+            outs = [texts.get(i * n + j, "") for j in range(n)]
+            rows.append({**fields, "output": outs[0], **({"outputs": outs} if n > 1 else {})})
+        self.log_rows(served, endpoint, rows)
 
     # ---- generation ---------------------------------------------------------------------------
     def params_of(self, req: P.ChatCompletionRequest | P.CompletionRequest, served: Served, n_prompt: int,
@@ -240,7 +268,8 @@ class Api:
             self.metrics.ttft.labels(served.id).observe(first - t0)
 
     async def generate(self, request: Request, served: Served, prompts: list[list[int]], params: SamplingParams,
-                       chat: bool, stream: bool, include_usage: bool):
+                       chat: bool, stream: bool, include_usage: bool, inputs: list[dict] | None = None):
+        """`inputs`: each prompt's request-log fields ({"input": ...}), when the request log is on."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         t0 = time.perf_counter()
@@ -248,7 +277,8 @@ class Api:
         n_prompt = sum(len(p) for p in prompts)
         reqs: list[GenRequest] = []
         if stream:
-            events = self._stream(request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs)
+            events = self._stream(request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs,
+                                  inputs)
             return StreamingResponse(events, media_type="text/event-stream")
         texts: dict[int, str] = {}
         finish: dict[int, str] = {}
@@ -272,6 +302,7 @@ class Api:
                 r.cancelled = True  # no-op once finished; stops the work if the client went away
         total = sum(n_gen.values())
         self.observe(request, served, t0, n_prompt, total, first)
+        self.log_generated(served, request.url.path, inputs, texts, n)
         usage = P.Usage(prompt_tokens=n_prompt, completion_tokens=total, total_tokens=n_prompt + total)
         choice_ids = range(len(prompts) * n)
         if chat:
@@ -287,8 +318,10 @@ class Api:
             body = P.Completion(id=rid, created=created, model=served.id, choices=choices, usage=usage)
         return body.model_dump(exclude_none=True)
 
-    async def _stream(self, request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs):
+    async def _stream(self, request, served, prompts, params, chat, include_usage, rid, created, t0, n_prompt, reqs,
+                      inputs):
         n = params.n
+        texts: dict[int, str] = {}  # each choice's text so far, for the request log
         chunk_type = P.ChatCompletionChunk if chat else P.Completion
         n_gen: dict[int, int] = {}
         offsets: dict[int, int] = {}
@@ -308,6 +341,7 @@ class Api:
                 first = first or time.perf_counter()
                 k = i * n + ev["index"]
                 n_gen[k] = ev["completion_tokens"]
+                texts[k] = texts.get(k, "") + ev["text"]
                 lp = [ev["logprobs"]] if ev["logprobs"] else None
                 if ev["text"] or lp:
                     if chat:
@@ -325,6 +359,7 @@ class Api:
                 yield sse([], P.Usage(prompt_tokens=n_prompt, completion_tokens=total, total_tokens=n_prompt + total))
             self.observe(request, served, t0, n_prompt, total, first)
             self.metrics.latency.labels(request.url.path, served.id).observe(time.perf_counter() - t0)
+            self.log_generated(served, request.url.path, inputs, texts, n)
         except ApiError as e:  # the status line is sent already: the error goes in the stream
             err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
             yield f"data: {json.dumps({'error': err})}\n\n"
@@ -345,8 +380,13 @@ class Api:
         ids = self.chat_ids(served, req)
         params = self.params_of(req, served, len(ids), req.max_completion_tokens or req.max_tokens, req.logprobs,
                            req.top_logprobs or 0)
+        inputs = None
+        if self.request_log is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+            users = [m["content"] for m in msgs if m["role"] == "user"]
+            inputs = [{"input": users[-1] if users else "", "messages": render_messages(msgs)}]
         return await self.generate(request, served, [ids], params, True, req.stream,
-                              bool(req.stream_options and req.stream_options.include_usage))
+                                   bool(req.stream_options and req.stream_options.include_usage), inputs)
 
     async def completions(self, request: Request):
         req = await _parse(request, P.CompletionRequest)
@@ -357,8 +397,14 @@ class Api:
         prompts = self.completion_prompts(served, req)
         params = self.params_of(req, served, max(len(p) for p in prompts), req.max_tokens, req.logprobs is not None,
                            req.logprobs or 0)
+        inputs = None
+        if self.request_log is not None:  # prompts given as token ids are logged as their text
+            p = req.prompt
+            texts = [p] if isinstance(p, str) else list(p) if all(isinstance(x, str) for x in p) else \
+                [served.tokenizer.decode(ids) for ids in prompts]
+            inputs = [{"input": t} for t in texts]
         return await self.generate(request, served, prompts, params, False, req.stream,
-                              bool(req.stream_options and req.stream_options.include_usage))
+                                   bool(req.stream_options and req.stream_options.include_usage), inputs)
 
     # ---- encoders -------------------------------------------------------------------------------
     def encode(self, served: Served, texts: list[str], truncate: bool) -> dict:
@@ -428,18 +474,24 @@ class Api:
     async def classify(self, request: Request):
         req = await _parse(request, P.ClassifyRequest)
         served = self.lookup(request, req.model, "classify")
-        logits, n = await self.head_logits(served, self.texts_of(req.input))
+        texts = self.texts_of(req.input)
+        logits, n = await self.head_logits(served, texts)
         probs = logits.softmax(-1)
         data = [{"index": i, "label": served.labels[int(p.argmax())], "probs": p.tolist(), "num_classes": len(p),
                  "probabilities": dict(zip(served.labels, p.tolist()))} for i, p in enumerate(probs)]
+        # the fields `tunesmith predict --json` prints for a classification run
+        self.log_rows(served, request.url.path, [{"input": t, "label": d["label"], "probability": round(max(d["probs"]), 4)}
+                                                 for t, d in zip(texts, data)])
         return {"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
                 "model": served.id, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     async def score(self, request: Request):
         req = await _parse(request, P.ClassifyRequest)
         served = self.lookup(request, req.model, "score")
-        logits, n = await self.head_logits(served, self.texts_of(req.input))
+        texts = self.texts_of(req.input)
+        logits, n = await self.head_logits(served, texts)
         data = [{"index": i, "object": "score", "score": float(row[0])} for i, row in enumerate(logits)]
+        self.log_rows(served, request.url.path, [{"input": t, "score": round(d["score"], 4)} for t, d in zip(texts, data)])
         return {"id": "score-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()), "model": served.id,
                 "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
@@ -450,7 +502,10 @@ class Api:
             raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded", param="lora_name")
         try:
             served, weights = await asyncio.to_thread(self.registry.read_adapter, req.lora_name, req.lora_path)
-            await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
+            # into a free slot at once, not after the running decoding step (which can take longer
+            # than the load); past the slots laid out, the engine thread lays them out again
+            if await asyncio.to_thread(self.registry.try_attach_adapter, served, weights) is None:
+                await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
         except TunesmithError as e:
             raise ApiError(400, str(e), param="lora_path") from None
         self.metrics.adapters.set(len(self.registry.gen.bank.slots) - 1)

@@ -3,24 +3,27 @@
 peft can route the rows of a batch to different adapters (`adapter_names=[...]`), but it does
 so with a loop over the distinct adapters in every adapted layer: a few small ops per adapter
 per layer, which on a CPU decoding 8 rows costs more than the base forward itself. Here each
-adapted nn.Linear keeps every loaded adapter stacked side by side (S-LoRA / Punica's idea, in
-plain matmuls):
+adapted nn.Linear keeps every loaded adapter stacked slot by slot (S-LoRA / Punica's idea, in
+plain batched matmuls):
 
-    A_cat (S*r, in)    the adapters' A matrices, slot s in rows s*r:(s+1)*r (zero-padded to r)
-    B_cat (out, S*r)   their B matrices, slot s in columns s*r:(s+1)*r
+    A  (S, r, in)     the adapters' A matrices, slot s = A_s (zero-padded to rank r)
+    Bt (S, r, out)    their B matrices, transposed: slot s = B_s^T
+    scale (S,)        each slot's alpha / r for this layer (0 where the adapter leaves it alone)
 
-and a mixed batch x (B, T, in) gets its updates as
+and a mixed batch x (B, T, in), row b on slot idx[b], gets its update with Punica's BGMV:
 
-    delta = ((x @ A_cat^T) * M) @ B_cat^T      M (B, 1, S*r): row b's slot block = its scaling
+    delta = bmm(bmm(x, A[idx]^T) * scale[idx], Bt[idx])     (B, T, out)
 
-three ops per layer whatever the number of adapters. Slot 0 is the base (zeros). One adapter
-alone is folded into a copy of the weight (W + s B A, as methods/folded.py does for evaluation),
-so it runs at the base model's cost. The adapter files are read with peft's own loader and
-config; these stacks are the only copy of the adapter weights kept.
+each row multiplied by its own adapter only (a row costs r * (in + out) whatever the number of
+adapters loaded or in the batch), in the same handful of ops per layer. Slot 0 is the base
+(zeros). One adapter alone is folded into a copy of the weight (W + s B A, as methods/folded.py
+does for evaluation), so it runs at the base model's cost. Adapter files are read with peft's own
+loader and config (no peft model is built); these stacks are the only copy of the weights kept.
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +39,16 @@ _PREFIX = "base_model.model."
 @dataclass
 class Route:
     """How the next forward pass applies the adapters (set by the engine before each call)."""
-    kind: str = "plain"  # plain (base weights only) | folded | one (slot) | mixed (mask)
+    kind: str = "plain"  # plain (base weights only) | folded | one (slot) | mixed (idx)
     slot: int = 0
-    onehot: torch.Tensor | None = None  # (B, 1, S*r) 1.0 on each row's slot block
+    idx: torch.Tensor | None = None  # (B,) each row's slot, on the model's device
 
 
 class _Bank:
     def __init__(self, linear: nn.Linear) -> None:
         self.linear = linear
         self.weight = linear.weight  # the base weight, kept while a folded copy is in use
-        self.a = self.b = self.scale = None  # allocated by LoraBank._layout
+        self.a = self.bt = self.scale = None  # (S, r, in), (S, r, out), (S,): allocated by LoraBank._layout
 
 
 def _lora_weights(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], object]:
@@ -105,11 +108,8 @@ class LoraBank:
         self._folded_weights: dict[str, nn.Parameter] = {}
         self._solo: tuple[str | None, int] = (None, 0)  # adapter running alone, for how many forwards
         self.param_bytes: dict[str, int] = {}
-
-    @property
-    def used(self) -> int:
-        """Rows of A_cat (columns of B_cat) in use: every slot's r."""
-        return len(self.slots) * self.rank
+        # Slot-table changes (attach, remove) hold this: try_attach runs off the engine thread.
+        self._lock = threading.Lock()
 
     # ---- loading ------------------------------------------------------------------------------
     def add(self, name: str, path: Path) -> None:
@@ -137,63 +137,73 @@ class LoraBank:
 
     def attach(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """Add read weights as a new slot (the engine thread only: the next forward sees it)."""
-        rank = max(self.rank, max(a.shape[0] for a, _, _ in weights.values()))
-        for module in weights:
-            if module not in self.banks:
-                layer = self.model.get_submodule(module)
-                self.banks[module] = bank = _Bank(layer)
-                layer.forward = _banked_forward(layer, bank, self)
-        if rank != self.rank or len(self.slots) == self.capacity or any(b.a is None for b in self.banks.values()):
-            self._layout(rank, max(INITIAL_SLOTS, self.capacity * (2 if len(self.slots) == self.capacity else 1)))
+        with self._lock:
+            rank = max(self.rank, max(a.shape[0] for a, _, _ in weights.values()))
+            for module in weights:
+                if module not in self.banks:
+                    layer = self.model.get_submodule(module)
+                    self.banks[module] = bank = _Bank(layer)
+                    layer.forward = _banked_forward(layer, bank, self)
+            if rank != self.rank or len(self.slots) == self.capacity or any(b.a is None for b in self.banks.values()):
+                self._layout(rank, max(INITIAL_SLOTS, self.capacity * (2 if len(self.slots) == self.capacity else 1)))
+            self._fill(name, weights)
+
+    def try_attach(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> bool:
+        """attach() from any thread while the engine decodes, when the adapter fits a free slot of the
+        stacks as laid out (its rank at most the bank's, its layers already banked): the forward in
+        progress reads other slots only, and the slot becomes visible once written. Returns False,
+        changing nothing, when the stacks must be laid out again: then attach() on the engine thread."""
+        with self._lock:
+            fits = (len(self.slots) < self.capacity and all(a.shape[0] <= self.rank for a, _, _ in weights.values())
+                    and all(m in self.banks and self.banks[m].a is not None for m in weights))
+            if fits:
+                self._fill(name, weights)
+            return fits
+
+    def _fill(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         slot = len(self.slots)
-        self.slots.append(name)
         for module, bank in self.banks.items():
             self._write(bank, slot, weights.get(module))
         self.param_bytes[name] = sum(a.nbytes + b.nbytes for a, b, _ in weights.values())
+        self.slots.append(name)  # last: a route can name the slot only once it is whole
 
     def _write(self, bank: _Bank, slot: int, w: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
-        lo, hi = slot * self.rank, (slot + 1) * self.rank
-        bank.a[lo:hi] = 0.0
-        bank.b[:, lo:hi] = 0.0
-        bank.scale[lo:hi] = 0.0
-        if w is not None:  # zero rows of A / columns of B past its rank add exact zeros
+        r = 0 if w is None else w[0].shape[0]
+        bank.a[slot, r:] = 0.0  # zero rows of A / B^T past its rank add exact zeros
+        bank.bt[slot, r:] = 0.0
+        bank.scale[slot] = 0.0
+        if w is not None:  # each byte written once: a hot load's cost is its own size
             a, b, s = w
-            bank.a[lo:lo + a.shape[0]] = a.to(bank.a.device, bank.a.dtype)
-            bank.b[:, lo:lo + b.shape[1]] = b.to(bank.b.device, bank.b.dtype)
-            bank.scale[lo:hi] = s
+            bank.a[slot, :r] = a.to(bank.a.device, bank.a.dtype)
+            bank.bt[slot, :r] = b.t().to(bank.bt.device, bank.bt.dtype)
+            bank.scale[slot] = s
 
     def _layout(self, rank: int, capacity: int) -> None:
         """(Re)allocate every layer's stacks for `capacity` slots of rank `rank`, keeping the loaded ones."""
-        old_rank = self.rank
+        old_rank, n = self.rank, len(self.slots)
         for bank in self.banks.values():
             w = bank.weight
-            a = torch.empty(capacity * rank, w.shape[1], dtype=w.dtype, device=w.device)
-            b = torch.empty(w.shape[0], capacity * rank, dtype=w.dtype, device=w.device)
-            scale = torch.zeros(capacity * rank, dtype=w.dtype, device=w.device)
-            old = bank.a
-            for slot in range(len(self.slots)):
-                lo, hi = slot * rank, (slot + 1) * rank
-                a[lo:hi], b[:, lo:hi], scale[lo:hi] = 0.0, 0.0, 0.0
-                if old is not None:
-                    olo = slot * old_rank
-                    a[lo:lo + old_rank] = bank.a[olo:olo + old_rank]
-                    b[:, lo:lo + old_rank] = bank.b[:, olo:olo + old_rank]
-                    scale[lo:hi] = bank.scale[olo] if old_rank else 0.0
-            bank.a, bank.b, bank.scale = a, b, scale
+            a = torch.empty(capacity, rank, w.shape[1], dtype=w.dtype, device=w.device)
+            bt = torch.empty(capacity, rank, w.shape[0], dtype=w.dtype, device=w.device)
+            scale = torch.zeros(capacity, dtype=w.dtype, device=w.device)
+            a[:n], bt[:n] = 0.0, 0.0
+            if bank.a is not None:
+                a[:n, :old_rank] = bank.a[:n]
+                bt[:n, :old_rank] = bank.bt[:n]
+                scale[:n] = bank.scale[:n]
+            bank.a, bank.bt, bank.scale = a, bt, scale
         self.rank, self.capacity = rank, capacity
 
     def remove(self, name: str) -> None:
         """Drop an adapter: the last slot moves into its place (the engine thread only)."""
-        slot, last = self.slots.index(name), len(self.slots) - 1
-        r = self.rank
-        if slot != last:
-            for bank in self.banks.values():
-                bank.a[slot * r:(slot + 1) * r] = bank.a[last * r:(last + 1) * r]
-                bank.b[:, slot * r:(slot + 1) * r] = bank.b[:, last * r:(last + 1) * r]
-                bank.scale[slot * r:(slot + 1) * r] = bank.scale[last * r:(last + 1) * r]
-            self.slots[slot] = self.slots[last]
-        self.slots.pop()
-        self.param_bytes.pop(name, None)
+        with self._lock:
+            slot, last = self.slots.index(name), len(self.slots) - 1
+            if slot != last:
+                for bank in self.banks.values():
+                    bank.a[slot], bank.bt[slot], bank.scale[slot] = bank.a[last], bank.bt[last], bank.scale[last]
+                self.slots[slot] = self.slots[last]
+            self.slots.pop()
+            self.param_bytes.pop(name, None)
         if self.folded == name:
             self.unfold()
             self._folded_weights, self.folded = {}, None
@@ -222,11 +232,9 @@ class LoraBank:
         else:
             self.unfold()
             self._solo = (None, 0)
-            idx = torch.tensor([self.slot(n) for n in names])  # (B,)
-            onehot = torch.zeros(len(names), len(self.slots), self.rank)
-            onehot[torch.arange(len(names)), idx] = 1.0
             a = next(iter(self.banks.values())).a
-            self.route = Route("mixed", onehot=onehot.view(len(names), 1, -1).to(a.device, a.dtype))  # (B, 1, S*r)
+            idx = torch.tensor([self.slot(n) for n in names], device=a.device)  # (B,)
+            self.route = Route("mixed", idx=idx)
 
     def fold(self, name: str) -> None:
         """Serve adapter `name` alone: W + s B A in a copy of each adapted weight (kept for reuse)."""
@@ -234,15 +242,14 @@ class LoraBank:
             self.unfold()
             self._folded_weights = {}
             s = self.slot(name)
-            lo, hi = s * self.rank, (s + 1) * self.rank
             with torch.no_grad():
                 for module, bank in self.banks.items():
-                    scale = float(bank.scale[lo])
+                    scale = float(bank.scale[s])
                     if scale == 0.0:
                         continue  # this adapter does not adapt this layer
                     folded = bank.weight.detach().clone()
                     # the same ops in the same order as peft's get_delta_weight: (B @ A) * scaling
-                    folded += ((bank.b[:, lo:hi].contiguous() @ bank.a[lo:hi]) * scale).to(folded.dtype)
+                    folded += ((bank.bt[s].t().contiguous() @ bank.a[s]) * scale).to(folded.dtype)
                     self._folded_weights[module] = nn.Parameter(folded, requires_grad=False)
             self.folded = name
         for module, w in self._folded_weights.items():
@@ -259,13 +266,14 @@ def _banked_forward(layer: nn.Linear, bank: _Bank, owner: LoraBank):
         out = F.linear(x, layer.weight, layer.bias)
         route = owner.route
         if route.kind == "one":
-            lo, hi = route.slot * owner.rank, (route.slot + 1) * owner.rank
-            scale = bank.scale[lo]
+            scale = bank.scale[route.slot]
             if scale != 0:
-                out = out + (x @ bank.a[lo:hi].t()) @ bank.b[:, lo:hi].t() * scale
+                out = out + (x @ bank.a[route.slot].t()) @ bank.bt[route.slot] * scale
         elif route.kind == "mixed":
-            used = owner.used
-            h = (x @ bank.a[:used].t()) * (route.onehot * bank.scale[:used])  # (B, T, S*r): each row's own slot
-            out = out + h @ bank.b[:, :used].t()  # (B, T, out)
+            idx = route.idx
+            a = bank.a.index_select(0, idx)  # (B, r, in): each row's own adapter
+            bt = bank.bt.index_select(0, idx)  # (B, r, out)
+            h = torch.bmm(x, a.transpose(1, 2)) * bank.scale.index_select(0, idx).view(-1, 1, 1)  # (B, T, r)
+            out = torch.baddbmm(out, h, bt)  # (B, T, out)
         return out
     return forward

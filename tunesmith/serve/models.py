@@ -8,6 +8,7 @@ reward) are served through AdapterSet, one per base. What each model offers come
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class Registry:
         self.max_batch = max_batch
         self.on_stats = on_stats
         self.engine: Engine | None = None
+        self._attach_lock = threading.Lock()  # a name is checked and taken at once, on any thread
 
     # ---- start-up -------------------------------------------------------------------------------
     def load(self, specs: list[str]) -> None:
@@ -258,9 +260,22 @@ class Registry:
         return served, self.gen.bank.read(adapter_dir)
 
     def attach_adapter(self, served: Served, weights: dict) -> Served:
-        self._unique(served.id)
-        self.gen.bank.attach(served.id, weights)
-        self.models[served.id] = served
+        """Add a read adapter (the engine thread: its stacks may be laid out again)."""
+        with self._attach_lock:
+            self._unique(served.id)
+            self.gen.bank.attach(served.id, weights)
+            self.models[served.id] = served
+        _release_freed_memory()
+        return served
+
+    def try_attach_adapter(self, served: Served, weights: dict) -> Served | None:
+        """attach_adapter from any thread, without waiting for the engine's step, when the adapter fits
+        a free slot (LoraBank.try_attach); None when it must go through the engine thread."""
+        with self._attach_lock:
+            self._unique(served.id)
+            if not self.gen.bank.try_attach(served.id, weights):
+                return None
+            self.models[served.id] = served
         _release_freed_memory()
         return served
 
