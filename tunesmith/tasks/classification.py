@@ -18,7 +18,9 @@ def summarise(s: Sums, labels: list[str] | None) -> dict:
     logits = torch.cat(s.outputs)  # (N, C)
     y_score = (logits[:, 1] - logits[:, 0]).tolist() if logits.shape[-1] == 2 else None
     y_true, y_pred = torch.cat(s.targets), logits.argmax(-1)  # (N,), (N,)
-    cal = calibration(logits.softmax(-1).max(-1).values.tolist(), (y_pred == y_true).tolist(), ECE_BINS)
+    # confidences in float64, as per_example computes them: the report's ECE and the one its interval is
+    # resampled from then bin every example alike (in float32 a confidence at a bin edge can cross it)
+    cal = calibration(logits.double().softmax(-1).max(-1).values.tolist(), (y_pred == y_true).tolist(), ECE_BINS)
     return {"loss": s.loss / max(s.count, 1),
             **classification_metrics(y_true.tolist(), y_pred.tolist(), labels or [], y_score),
             "ece": cal["ece"], "calibration": cal["bins"]}
