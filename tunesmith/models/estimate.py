@@ -197,7 +197,8 @@ def peak_memory(cfg: RunConfig, shape: dict[str, Any], longest: int, precision: 
     train_peak = sum(parts.values())
     # loading: transformers reads the weight file (its pages count as resident) into fresh tensors
     load_peak = parts["base"] + LOAD_FACTOR * parts["weights"]
-    return {**{k: round(v) for k, v in parts.items()}, "batch_tokens": tokens, "precision": precision, "trainable": trainable,
+    return {**{k: round(v) for k, v in parts.items()}, "batch_tokens": tokens, "precision": precision,
+            "trainable": trainable,
             "load_peak_mb": round(load_peak), "peak_mb": round(max(train_peak, load_peak)),
             "bound_by": "loading" if load_peak > train_peak else "training"}
 
