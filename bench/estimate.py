@@ -42,6 +42,8 @@ CASES = [
     ("minilm-lora", LORA, [], "reviews", "calibration (bf16 activations)"),
     ("smollm2-lora", SFT, ["--train.precision=fp32"], "identity", "target"),
     ("smollm2-full", SFT, ["--train.precision=fp32", *FULL], "identity", "calibration (full: optimizer step)"),
+    ("smollm2-full-b4x2", SFT, ["--train.precision=fp32", *FULL, "--train.batch_size=4", "--train.grad_accum=2"],
+     "identity", "held out"),
     ("minilm-lora-8x256", LORA, ["--train.batch_size=8", "--data.max_length=256"], "reviews", "held out"),
     ("minilm-lora-fp32", LORA, ["--train.precision=fp32"], "reviews", "held out"),
     ("smollm2-lora-b16-ckpt", SFT, ["--train.precision=fp32", "--train.batch_size=16",

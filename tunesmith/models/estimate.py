@@ -21,7 +21,9 @@ training, the sum of
   - weights: fp32 (models/load.py loads the base in fp32), or the linear layers at 4/8 bits when
     quantised;
   - gradients and optimizer state of the trainable weights (ADAM_BYTES), for full fine-tuning also
-    the optimizer step's temporary copy and autocast's cached half-precision copies;
+    the optimizer step's temporary copy and autocast's cached half-precision copies; gradients are
+    counted alongside the activations only under accumulation (else the larger of the two: see
+    `peak_memory`);
   - activations of the largest piece (batch x longest example, or train.max_batch_tokens' piece):
     per block ACT_BYTES x (10 x hidden + 2 or 4 x intermediate) per token, the score matrices
     when a padding mask is used (SCORE_BYTES x heads x length), LoRA dropout's copy of each adapted
@@ -187,14 +189,22 @@ def peak_memory(cfg: RunConfig, shape: dict[str, Any], longest: int, precision: 
     else:
         weights = 4.0 * shape["params"]  # fp32: models/load.py loads the base in fp32; autocast casts per op
     trainable = _trainable(cfg, shape)
-    per_weight = ADAM_BYTES[t.optimizer] + (4 if t.ema_decay else 0)
-    if full:
-        per_weight += STEP_BYTES_FULL + (2 if precision in ("bf16", "fp16") else 0)  # autocast's cached half copies
+    # Lifetimes (the loop zeroes gradients with set_to_none): the optimizer's moments (and an EMA copy)
+    # live throughout; gradients appear during backward as activations are freed, and the optimizer
+    # step's temporaries once they are gone. So a step peaks at the larger of activations and gradients,
+    # unless gradients are kept across micro-batches or pieces (accumulation): then at their sum.
+    moments = trainable * (ADAM_BYTES[t.optimizer] - 4 + (4 if t.ema_decay else 0))
+    grads = trainable * (4 + (STEP_BYTES_FULL if full else 0))
+    forward = tokens * (per_token + logits)
+    if full and precision in ("bf16", "fp16"):
+        forward += 2 * trainable  # autocast's cached half-precision copies of trainable weights, for the forward
+    accumulating = t.grad_accum > 1 or tokens < t.batch_size * longest
     mb = 2.0 ** 20
     parts = {"base": float(OVERHEAD_MB if base_mb is None else base_mb), "weights": weights / mb,
-             "gradients_optimizer": trainable * per_weight / mb, "activations": tokens * per_token / mb,
+             "gradients_optimizer": (moments + grads) / mb, "activations": tokens * per_token / mb,
              "logits": tokens * logits / mb}
-    train_peak = sum(parts.values())
+    train_peak = parts["base"] + parts["weights"] + (moments + (forward + grads if accumulating
+                                                                 else max(forward, grads))) / mb
     # loading: transformers reads the weight file (its pages count as resident) into fresh tensors
     load_peak = parts["base"] + LOAD_FACTOR * parts["weights"]
     return {**{k: round(v) for k, v in parts.items()}, "batch_tokens": tokens, "precision": precision,
