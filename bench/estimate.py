@@ -40,12 +40,12 @@ MINILM_DATA = ["--data.val_size=16", "--data.test_size=16"]
 # name, config, overrides (both estimate and train), which data, role
 CASES = [
     ("minilm-lora", LORA, [], "reviews", "calibration (bf16 activations)"),
-    ("smollm2-lora", SFT, ["--train.precision=fp32"], "identity", "target"),
-    ("smollm2-full", SFT, ["--train.precision=fp32", *FULL], "identity", "calibration (full: optimizer step)"),
+    ("smollm2-lora", SFT, ["--train.precision=fp32"], "identity", "target, not calibrated on"),
+    ("smollm2-full", SFT, ["--train.precision=fp32", *FULL], "identity", "shaped the model (gradient lifetimes)"),
     ("smollm2-full-b4x2", SFT, ["--train.precision=fp32", *FULL, "--train.batch_size=4", "--train.grad_accum=2"],
      "identity", "held out"),
     ("minilm-lora-8x256", LORA, ["--train.batch_size=8", "--data.max_length=256"], "reviews", "held out"),
-    ("minilm-lora-fp32", LORA, ["--train.precision=fp32"], "reviews", "held out"),
+    ("minilm-lora-fp32", LORA, ["--train.precision=fp32"], "reviews", "its shape set fp32 scores"),
     ("smollm2-lora-b16-ckpt", SFT, ["--train.precision=fp32", "--train.batch_size=16",
                                     "--train.gradient_checkpointing=true"], "identity", "held out"),
 ]
@@ -68,25 +68,32 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_case(case: tuple, data: dict[str, list[str]], work: Path, steps: int) -> dict:
+def run_case(case: tuple, data: dict[str, list[str]], work: Path, steps: int, earlier: dict | None = None) -> dict:
     name, config, overrides, which, role = case
     args = [str(ROOT / config), *data[which], *overrides]
     t0 = time.perf_counter()
     est = json.loads(_run([sys.executable, "-m", "tunesmith", "estimate", *args, "--json"]).stdout)
     t1 = time.perf_counter()
+    if earlier is not None:  # --measured: re-estimate against a peak measured by an earlier run of this script
+        return _row(case, data, est, earlier["measured_mb"], t1 - t0, earlier["train_s"], "earlier run")
     nice = ["nice"] if os.nice(0) == 0 else []  # under `nice` already: do not push the runs lower still
     _run([*nice, sys.executable, "-m", "tunesmith", "train", *args, f"--train.max_steps={steps}", "--train.log_every=1",
           "--train.eval_every=1000", "--eval.before=false", "--eval.samples=[]", "--eval.max_examples=2",
           f"--output.dir={work}/{{name}}", f"--output.name={name}"])
     run = json.loads((work / name / "run.json").read_text())
-    measured = run["train_peak_rss_mb"]
+    return _row(case, data, est, run["train_peak_rss_mb"], t1 - t0, time.perf_counter() - t1, "this run")
+
+
+def _row(case: tuple, data: dict, est: dict, measured: float, est_s: float, train_s: float | None,
+         when: str) -> dict:
+    name, config, overrides, which, role = case
     m = est["memory"]
     return {"case": name, "role": role, "config": config, "overrides": data[which] + overrides,
             "precision": est["precision"], "batch_tokens": m["batch_tokens"], "estimated_mb": m["peak_mb"],
-            "measured_mb": round(measured), "ratio": round(m["peak_mb"] / measured, 3),
+            "measured_mb": round(measured), "ratio": round(m["peak_mb"] / measured, 3), "measured_in": when,
             "parts": {k: m[k] for k in ("base", "weights", "gradients_optimizer", "activations", "logits",
                                         "load_peak_mb")},
-            "estimate_s": round(t1 - t0, 1), "train_s": round(time.perf_counter() - t1, 1)}
+            "estimate_s": round(est_s, 1), "train_s": None if train_s is None else round(train_s, 1)}
 
 
 def main() -> None:
@@ -94,8 +101,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", nargs="+", help="run only these cases")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--measured", nargs="+", metavar="JSON", help="take each case's measured peak from these "
+                    "earlier --json outputs instead of training again (re-estimating after a change to the model; "
+                    "the table says which rows were measured earlier)")
     args = ap.parse_args()
-    cases = [c for c in CASES if not args.only or c[0] in args.only]
+    earlier = {r["case"]: r for f in args.measured or [] for r in json.loads(Path(f).read_text())}
+    cases = [c for c in CASES if (not args.only or c[0] in args.only) and (not earlier or c[0] in earlier)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -104,15 +115,16 @@ def main() -> None:
                 "identity": [f"--data.train={longest_identity(work / 'identity.jsonl', 16 * args.steps + 8)}",
                              "--data.val_size=0"]}
         for case in cases:
-            rows.append(run_case(case, data, work, args.steps))
+            rows.append(run_case(case, data, work, args.steps, earlier.get(case[0]) if earlier else None))
             r = rows[-1]
             print(f"{r['case']}: estimated {r['estimated_mb']} MB, measured {r['measured_mb']} MB, "
                   f"ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
-    print(f"{'case':<24} {'role':<36} {'precision':<9} {'tokens':>6} {'estimated':>10} {'measured':>10} {'ratio':>6}  within 15%")
+    print(f"{'case':<24} {'role':<36} {'precision':<9} {'tokens':>6} {'estimated':>10} {'measured':>10} {'ratio':>6}  "
+          "within 15%  measured in")
     for r in rows:
         ok = "yes" if abs(r["ratio"] - 1) <= 0.15 else "NO"
         print(f"{r['case']:<24} {r['role']:<36} {r['precision']:<9} {r['batch_tokens']:>6} {r['estimated_mb']:>7} MB "
-              f"{r['measured_mb']:>7} MB {r['ratio']:>6.3f}  {ok}")
+              f"{r['measured_mb']:>7} MB {r['ratio']:>6.3f}  {ok:<10}  {r['measured_in']}")
     for r in rows:
         print(f"{r['case']}: {' '.join(r['overrides'][1:])}; parts {r['parts']}; estimate {r['estimate_s']} s, "
               f"train {r['train_s']} s")

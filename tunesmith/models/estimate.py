@@ -25,15 +25,17 @@ training, the sum of
     counted alongside the activations only under accumulation (else the larger of the two: see
     `peak_memory`);
   - activations of the largest piece (batch x longest example, or train.max_batch_tokens' piece):
-    per block ACT_BYTES x (10 x hidden + 2 or 4 x intermediate) per token, the score matrices
-    when a padding mask is used (SCORE_BYTES x heads x length), LoRA dropout's copy of each adapted
-    input (5 B per element); with gradient checkpointing BYTES_PER_LAYER_HIDDEN_CKPT per layer x hidden;
+    per block ACT_BYTES x (10 x hidden + 2 or 4 x intermediate) per token, a term in heads x length
+    for batches of several examples (SCORE_BYTES: fitted, its cause not pinned down), LoRA dropout's
+    copy of each adapted input (5 B per element); with gradient checkpointing
+    BYTES_PER_LAYER_HIDDEN_CKPT per layer x hidden;
   - a causal LM's logits (LOGIT_BYTES per token per vocabulary entry).
 Calibration. fp32 activations: bench/scaling.py's step bench (SmolLM2 LoRA, batch 1, 128 to 4,096
 tokens: 1,201 MB + 3.63 MB per token; tests/test_data_check.py keeps the model on those rows) and
-MiniLM's 16 x 512 run of bench/memory.py (4,866 MB) for the score matrices. bf16 activations: the
-MiniLM LoRA 16 x 512 case of bench/estimate.py; the full fine-tuning terms: its SmolLM2 full case.
-bench/estimate.py's other cases were not used to choose any constant (bench/RESULTS.md).
+MiniLM's 16 x 512 run of bench/memory.py (4,866 MB) for SCORE_BYTES. bf16: ACT_BYTES from the
+MiniLM LoRA 16 x 512 case of bench/estimate.py (SCORE_BYTES halved, not fitted). Full fine-tuning:
+its SmolLM2 full case showed gradients and activations do not add up (their lifetimes, above); no
+constant was fitted to it. The cases bench/estimate.py marks held out chose nothing (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -52,9 +54,11 @@ BYTES_PER_LAYER_HIDDEN = 176.0  # activations kept for backward, fp32, per token
 # fp32 from SmolLM2's 176 B per layer x hidden over its 10 x 576 + 4 x 1,536 elements; bf16: see bench/estimate.py
 # (SmolLM2's step bench had LoRA's dropout 0.05: its 5 x 4,992 B per layer, below, are taken off first)
 ACT_BYTES = {"fp32": (176.0 * 576 - 5 * 4992) / (10 * 576 + 4 * 1536), "bf16": 3.27, "fp16": 3.27}
-# attention scores per layer, token and head, x the padded length: with a padding mask (batches of more than one
-# example) the CPU SDPA kernel takes its math path and keeps the score matrix. fp32 from MiniLM's 16 x 512 run
-# (4,866 MB) less the rest of the model above; half precision keeps them in half.
+# per layer, token and head, x the padded length: a term that grows with the length, fitted to MiniLM's
+# 16 x 512 fp32 run (bench/memory.py, 4,866 MB) as what the rest of the model leaves unexplained; half
+# precision halved. Score matrices would fit its shape, but bench/memory.py found the CPU SDPA kernel
+# does not keep them at dropout 0, so its cause is not pinned down. Counted for batches of more than
+# one example (SmolLM2's batch-1 step bench, the fp32 calibration, has no room for it).
 SCORE_BYTES = {"fp32": 4.2, "bf16": 2.1, "fp16": 2.1}
 LOGIT_BYTES = 12.0  # per token per vocabulary entry: logits, log-softmax and their gradient, fp32
 STEP_BYTES_FULL = 4.0  # full fine-tuning: AdamW's foreach step makes a temporary copy of the weights
@@ -169,7 +173,7 @@ def peak_memory(cfg: RunConfig, shape: dict[str, Any], longest: int, precision: 
     # projections (about 10 x hidden) and the MLP (up and activation; a gated MLP also gate and product)
     elems = 10 * hidden + (4 if shape.get("gated_mlp") else 2) * inter
     per_layer = ACT_BYTES.get(precision, ACT_BYTES["fp32"]) * elems
-    if t.batch_size > 1:  # padding mask: score matrices (see SCORE_BYTES)
+    if t.batch_size > 1:  # see SCORE_BYTES
         per_layer += SCORE_BYTES.get(precision, SCORE_BYTES["fp32"]) * shape.get("heads", 1) * longest
     dropout_bytes = 0.0
     if method in LORA_FAMILY and (m.opt("dropout") or 0) > 0:
