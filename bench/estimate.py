@@ -119,11 +119,11 @@ def main() -> None:
             r = rows[-1]
             print(f"{r['case']}: estimated {r['estimated_mb']} MB, measured {r['measured_mb']} MB, "
                   f"ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
-    print(f"{'case':<24} {'role':<36} {'precision':<9} {'tokens':>6} {'estimated':>10} {'measured':>10} {'ratio':>6}  "
+    print(f"{'case':<24} {'role':<38} {'precision':<9} {'tokens':>6} {'estimated':>10} {'measured':>10} {'ratio':>6}  "
           "within 15%  measured in")
     for r in rows:
         ok = "yes" if abs(r["ratio"] - 1) <= 0.15 else "NO"
-        print(f"{r['case']:<24} {r['role']:<36} {r['precision']:<9} {r['batch_tokens']:>6} {r['estimated_mb']:>7} MB "
+        print(f"{r['case']:<24} {r['role']:<38} {r['precision']:<9} {r['batch_tokens']:>6} {r['estimated_mb']:>7} MB "
               f"{r['measured_mb']:>7} MB {r['ratio']:>6.3f}  {ok:<10}  {r['measured_in']}")
     for r in rows:
         print(f"{r['case']}: {' '.join(r['overrides'][1:])}; parts {r['parts']}; estimate {r['estimate_s']} s, "

@@ -149,7 +149,7 @@ def format_estimate(r: dict[str, Any]) -> str:
              f"parameters {r['params']:,}, trainable {r['trainable_params']:,}; largest piece {m['batch_tokens']:,} "
              f"padded tokens (batch {r['batch_size']} x longest example {r['longest_example']})",
              f"peak memory ~{m['peak_mb']:,} MB, set by {m['bound_by']}:"]
-    names = {"base": "base: Python, libraries, tokenised data" + (" (measured)" if r["device"] == "cpu" else ""),
+    names = {"base": "base: Python, libraries, data" + (" (measured)" if r["device"] == "cpu" else ""),
              "weights": "model weights", "gradients_optimizer": "gradients + optimizer state",
              "activations": "activations kept for backward", "logits": "output logits and their gradient"}
     lines += [f"  {names[k]:<44} {m[k]:>8,} MB" for k in names]
