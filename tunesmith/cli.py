@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     mp.add_argument("--policy", help="sample from this finished run instead of the config's base model")
     mp.add_argument("--overwrite", action="store_true")
 
+    es = sub.add_parser("estimate", help="peak memory of a run before training (weights, optimizer state, "
+                        "activations), and what to change when it will not fit this machine", epilog=EPILOG)
+    es.add_argument("config", help="YAML run config")
+    es.add_argument("--memory-mb", type=float, metavar="MB", help="plan for this much memory instead of what is "
+                    "free now (RAM, or the GPU's)")
+    es.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="report what the pipeline makes of a file, with every error", epilog=EPILOG)
@@ -314,6 +321,12 @@ def run(argv: list[str]) -> int:
             print(f"{split}: {s['rows']} rows from {s['prompts']} prompts ({s['skipped']} skipped: ties or fewer than 2 non-empty samples), mean reward "
                   f"best {s['mean_best_reward']:.3f} / worst {s['mean_worst_reward']:.3f}")
         print(f"written to {args.out}")
+    elif args.command == "estimate":
+        from tunesmith.tasks.estimate import estimate_config, format_estimate
+
+        report = estimate_config(args.config, rest, available_mb=args.memory_mb)
+        print(json.dumps(report, indent=2) if args.json else format_estimate(report))
+        return 0 if report["fits"] else 1
     elif args.command == "data" and args.data_command == "clean":
         from tunesmith.tasks.clean import clean_data, format_clean
 
