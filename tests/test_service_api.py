@@ -53,7 +53,10 @@ def svc(tmp_path_factory, tiny_llama):
     store.close()
     srv = ServerProcess(["--data-dir", str(d / "data"), "--workers", "1", "--model", f"tiny={tiny_llama}",
                          "--precision", "fp32", "--max-file-bytes", str(MAX_FILE_BYTES), "--lease-s", "3"],
-                        d / "service.log", threads=1, command="service", env={"OMP_NUM_THREADS": "1"})
+                        d / "service.log", threads=1, command="service",
+                        # each step 0.1 s at least: on a fast idle CPU the tiny job would otherwise end
+                        # before the pause test's request (polled every second) reaches it
+                        env={"OMP_NUM_THREADS": "1", "TUNESMITH_FAULT_DELAY": "step:0.1"})
     yield SimpleNamespace(srv=srv, dir=d, data=d / "data", keys=keys, url=srv.url)
     srv.stop()
 
