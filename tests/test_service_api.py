@@ -413,7 +413,7 @@ def test_smollm2_learns_its_identity_through_the_service(tmp_path):
         done = wait(c, job.id, ("succeeded", "failed", "cancelled"), timeout=7200)
         assert done.status == "succeeded", done.error
         metrics = [e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"]
-        assert any("valid_loss" in m for m in metrics)
+        assert any("full_valid_loss" in m for m in metrics)  # OpenAI: full_valid_loss is the whole validation set
         tests = [json.loads(x) for x in (IDENTITY / "test.jsonl").read_text().splitlines() if x.strip()]
         hits = 0
         for t in tests:
