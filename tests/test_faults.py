@@ -84,6 +84,34 @@ def _assert_same_run(whole: Path, other: Path, why: str) -> None:
     assert _rows(whole) == _rows(other), why  # every logged loss and accuracy, none twice
 
 
+def kill_chain(args: list[str], plan: list[str], run_dir: Path, timer_delay, timeout: float, seed: int
+               ) -> tuple[int, list[str]]:
+    """Run `args` once per link of `plan` (every link after the first with --resume): a fault point
+    (faults.py) kills the link from inside, "timer" with SIGKILL from outside after timer_delay()
+    seconds. Stops early when a link finishes; then runs the rest to the end. Returns the kills that
+    landed and a line per link."""
+    killed, log, proc = 0, [], None
+    for i, where in enumerate(plan):
+        proc = _fork(args + (["--resume"] if i else []), None if where == "timer" else where)
+        if where == "timer":  # from outside, at a moment nobody chose
+            delay = timer_delay()
+            proc.join(delay)
+            if proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            where = f"timer {delay:.1f}s"
+        proc.join(timeout)
+        assert proc.exitcode is not None, f"seed {seed}: link {i} ({where}) hangs"
+        newest = ckpt.latest_checkpoint(run_dir)
+        log.append(f"{where} -> exit {proc.exitcode}, newest {newest.name if newest else None}")
+        if proc.exitcode == 0:
+            break  # the run ended before this link's point: nothing left to kill
+        assert proc.exitcode == -signal.SIGKILL, f"seed {seed}: {log}"
+        killed += 1
+    if proc is not None and proc.exitcode != 0:
+        assert run(args + ["--resume"]) == 0
+    return killed, log
+
+
 def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, tiny_bert, sentiment_rows):
     cfg = _config(tmp_path, tiny_bert, sentiment_rows)
     assert run(["train", str(cfg), "--output.name=whole"]) == 0
@@ -96,27 +124,9 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(t
             f"checkpoint-write:{rng.randint(1, 3)}", f"eval:{rng.randint(1, 2)}", f"step:{rng.randint(1, 4)}",
             f"micro-batch:{rng.randint(2, 5)}", "timer", f"checkpoint-write:{rng.randint(1, 2)}", "timer"]
     args = ["train", str(cfg), "--output.name=killed"]
-    killed, log = 0, []
-    for i, where in enumerate(plan):
-        proc = _fork(args + (["--resume"] if i else []), None if where == "timer" else where)
-        if where == "timer":  # from outside, at a moment nobody chose
-            delay = rng.uniform(0.3, 3.0)
-            proc.join(delay)
-            if proc.exitcode is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            where = f"timer {delay:.1f}s"
-        proc.join(300)
-        assert proc.exitcode is not None, f"seed {seed}: link {i} ({where}) hangs"
-        newest = ckpt.latest_checkpoint(tmp_path / "runs" / "killed")
-        log.append(f"{where} -> exit {proc.exitcode}, newest {newest.name if newest else None}")
-        if proc.exitcode == 0:
-            break  # the run ended before this link's point: nothing left to kill
-        assert proc.exitcode == -signal.SIGKILL, f"seed {seed}: {log}"
-        killed += 1
+    killed, log = kill_chain(args, plan, tmp_path / "runs" / "killed", lambda: rng.uniform(0.3, 3.0), 300, seed)
     print(f"seed {seed}: {log}")
     assert killed >= 5, f"seed {seed}: only {killed} kills landed: {log}"
-    if proc.exitcode != 0:
-        assert run(args + ["--resume"]) == 0
     _assert_same_run(whole, tmp_path / "runs" / "killed", f"seed {seed}, kills: {log}")
     assert not list((tmp_path / "runs" / "killed" / "checkpoints").glob(".*"))  # no half-written leftovers
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_faults import _fork, _rows
+from tests.test_faults import _rows, kill_chain
 from tunesmith.cli import run
-from tunesmith.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -47,27 +45,10 @@ def test_minilm_lora_killed_at_random_moments_resumes_bitwise(tmp_path):
     plan = [f"micro-batch:{rng.randint(3, 6)}", f"checkpoint-write:{rng.randint(1, 2)}", f"eval:{rng.randint(1, 2)}",
             "timer", f"step:{rng.randint(1, 3)}", "timer"]
     args = _args(tmp_path, "killed")
-    killed, log = 0, []
-    for i, where in enumerate(plan):
-        proc = _fork(args + (["--resume"] if i else []), None if where == "timer" else where)
-        if where == "timer":
-            delay = rng.uniform(0.3, 0.6) * whole_s
-            proc.join(delay)
-            if proc.exitcode is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            where = f"timer {delay:.1f}s"
-        proc.join(600)
-        assert proc.exitcode is not None, f"seed {seed}: link {i} ({where}) hangs"
-        newest = ckpt.latest_checkpoint(tmp_path / "runs" / "killed")
-        log.append(f"{where} -> exit {proc.exitcode}, newest {newest.name if newest else None}")
-        if proc.exitcode == 0:
-            break
-        assert proc.exitcode == -signal.SIGKILL, f"seed {seed}: {log}"
-        killed += 1
+    killed, log = kill_chain(args, plan, tmp_path / "runs" / "killed", lambda: rng.uniform(0.3, 0.6) * whole_s, 600,
+                             seed)
     print(f"seed {seed}: uninterrupted {whole_s:.0f} s; {log}")
     assert killed >= 4, f"seed {seed}: only {killed} kills landed: {log}"
-    if proc.exitcode != 0:
-        assert run(args + ["--resume"]) == 0
     whole, other = tmp_path / "runs" / "whole", tmp_path / "runs" / "killed"
     a, b = (torch.load(r / "checkpoints" / f"step-{STEPS}" / "weights.pt", weights_only=True) for r in (whole, other))
     assert a.keys() == b.keys() and a
