@@ -116,6 +116,43 @@ def test_mask_holds_exactly_the_budget_by_global_magnitude(gated):
         assert d.log_alpha is None or not d.log_alpha.requires_grad
 
 
+def test_fisher_probe_sums_squared_gradients_holds_the_body_and_ranks_by_them():
+    """Mode fisher before the mask: each backward adds grad**2 (by hand below), the optimizer sees a zero
+    gradient so w stays 0 (the body is the base model), and the mask keeps the k largest sums."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    diffs = dp.add_diffs(model, "all-linear", "sft", gated=False, fisher=True)
+    opt = torch.optim.AdamW([d.diff for d in diffs.values()], lr=0.1, weight_decay=0.01)
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    by_hand = {name: torch.zeros_like(d.diff) for name, d in diffs.items()}
+    for x in xs:
+        # The same gradient by hand: the loss through plain weights W (W + 0), autograd on W itself.
+        ws = {name: m.parametrizations.weight.original.detach().clone().requires_grad_(True)
+              for name, m in model.named_children()}
+        y = torch.nn.functional.linear(torch.nn.functional.linear(x, ws["0"], model[0].bias), ws["1"], model[1].bias)
+        y.square().sum().backward()
+        for name in by_hand:
+            by_hand[name] += ws[name].grad.square()
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for name, d in diffs.items():
+        torch.testing.assert_close(d.fisher, by_hand[name])
+        assert torch.count_nonzero(d.diff) == 0 and torch.count_nonzero(d.delta()) == 0
+    k, _ = dp.budget(diffs, 0.2)
+    fisher = torch.cat([d.fisher.flatten() for d in diffs.values()])
+    threshold = fisher.sort(descending=True).values[k - 1]
+    idx = dp.fix_mask(diffs, 0.2)
+    kept = torch.cat([d_f[idx[name]] for name, d_f in
+                      zip(diffs, torch.split(fisher, [d.diff.numel() for d in diffs.values()]))])
+    assert kept.numel() == k and float(kept.min()) >= float(threshold)
+    assert all(d.fisher is None for d in diffs.values())
+    model(xs[0]).square().sum().backward()  # from here on the kept entries get their gradient, the rest none
+    for name, d in diffs.items():
+        assert torch.count_nonzero(d.diff.grad) <= idx[name].numel()
+        assert torch.count_nonzero(d.diff.grad.flatten()[idx[name]]) > 0
+
+
 # ---- whole runs on tiny models ----------------------------------------------------------------
 
 def _diff_entries(run_dir) -> int:
@@ -125,7 +162,7 @@ def _diff_entries(run_dir) -> int:
     return sum(v.numel() for k, v in t.items() if k.endswith(".indices"))
 
 
-@pytest.mark.parametrize("mode", ["magnitude", "l0"])
+@pytest.mark.parametrize("mode", ["magnitude", "l0", "fisher"])
 def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows, tmp_path, mode, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -211,17 +248,17 @@ def test_sft_and_cpt_train_and_reload(tiny_llama, qa_rows, tmp_path, task):
     load_run(run)
 
 
-@pytest.mark.parametrize("mode", ["magnitude", "l0"])
+@pytest.mark.parametrize("mode", ["magnitude", "l0", "fisher"])
 def test_resume_after_interruption_is_bitwise_exact(tiny_llama, qa_rows, tmp_path, mode):
-    """Cut before the mask step (l0: gates and their noise must resume) or after it (magnitude:
-    the mask must come back from the checkpoint); both land on the same bits."""
+    """Cut before the mask step (l0: gates and their noise must resume; fisher: the sums so far) or
+    after it (magnitude: the mask must come back from the checkpoint); all land on the same bits."""
     from safetensors.torch import load_file
 
     from tunesmith.train import train
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows)
     kw = dict(eval_every=2, keep_checkpoints=5, epochs=3, batch_size=4, lr=1e-2)
-    method = {"mode": mode, "mask_at": 0.8 if mode == "l0" else 0.2}  # mask at step 5 of 6 or step 1
+    method = {"mode": mode, "mask_at": 0.2 if mode == "magnitude" else 0.8}  # mask at step 1 or step 5 of 6
     full = train(_cfg(tiny_llama, "sft", data, tmp_path / "full", method, **kw)).run_dir
     cut = _cfg(tiny_llama, "sft", data, tmp_path / "cut", method, **kw)
     cancel = threading.Event()
@@ -232,7 +269,8 @@ def test_resume_after_interruption_is_bitwise_exact(tiny_llama, qa_rows, tmp_pat
     with pytest.raises(TrainingCancelled):
         train(cut, on_event=on_event, cancel=cancel)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-4" / "state.pt", weights_only=False)
-    assert (state["method"]["indices"] is None) == (mode == "l0")  # the cut falls before / after the mask step
+    assert (state["method"]["indices"] is None) == (mode != "magnitude")  # the cut falls before / after the mask step
+    assert ("fisher" in state["method"]) == (mode == "fisher")
     resumed = train(cut, resume=True).run_dir
     a, b = (load_file(str(r / "diff" / dp.DIFF_FILE)) for r in (full, resumed))
     assert a.keys() == b.keys() and a

@@ -7,11 +7,13 @@ for good is `remove_parametrizations(..., leave_parametrized=True)`. delta moves
 
   dense   (mode magnitude, before the mask)  delta = w
   gated   (mode l0, before the mask)         delta = z * w, z ~ HardConcrete(log_alpha)   (paper eq. 5-7)
-  masked  (both, from `mask_at` on)          delta = m * w, m fixed: exactly k entries are 1
+  probing (mode fisher, before the mask)     delta = w = 0, held there; each entry sums its squared gradients
+  masked  (all, from `mask_at` on)           delta = m * w, m fixed: exactly k entries are 1
 
-The switch prunes delta to the budget by ONE global magnitude threshold over all chosen weights
-(the paper's section 3.2 uses a global threshold: layers that need more change get more entries),
-keeping exactly k = round(density * n) entries, n = the chosen weights' entries together.
+The switch keeps exactly k = round(density * n) entries (n = the chosen weights' entries together)
+by ONE global threshold over all chosen weights (the paper's section 3.2 uses a global threshold:
+layers that need more change get more entries). The score is |delta| (magnitude, l0) or the summed
+squared gradient, an empirical Fisher information (fisher: Sung et al. 2021's FISH mask).
 The loop drives the phases through `DiffSchedule` (penalty, step, state for checkpoints).
 
 Saved as `diff/diff.safetensors` (per weight: flat int32/int64 `indices` and fp32 `values` of
@@ -61,9 +63,10 @@ def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 class Diff(nn.Module):
-    """The parametrization of one weight: W -> W + delta. Holds the diff `w` (and the gates' log_alpha)."""
+    """The parametrization of one weight: W -> W + delta. Holds the diff `w` (and the gates' log_alpha,
+    or the Fisher sums of the probing phase)."""
 
-    def __init__(self, weight: torch.Tensor, gated: bool):
+    def __init__(self, weight: torch.Tensor, gated: bool, fisher: bool = False):
         super().__init__()
         self.diff = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))  # starts at the base model
         # Flat, so the optimizer puts it in the no-weight-decay group (1-D tensors): decay would pull the
@@ -71,6 +74,18 @@ class Diff(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((weight.numel(),), LOG_ALPHA_INIT)) if gated else None
         # Fixed mask once pruned; not part of state_dict (checkpoints keep its indices in their state).
         self.register_buffer("mask", None, persistent=False)
+        self.register_buffer("fisher", torch.zeros_like(self.diff) if fisher else None, persistent=False)
+        if fisher:
+            self.diff.register_hook(self._probe)
+
+    def _probe(self, grad: torch.Tensor) -> torch.Tensor:
+        """Mode fisher before the mask: sum each micro-batch's squared gradient, and pass on zeros so the
+        optimizer leaves the body at the base model (AdamW moves nothing on a zero gradient: its moments
+        and the decoupled decay of w = 0 are all zero) while the new head trains."""
+        if self.fisher is None:  # the mask is fixed: the kept entries train
+            return grad
+        self.fisher.add_(grad.detach().float().square())
+        return torch.zeros_like(grad)
 
     def delta(self) -> torch.Tensor:
         if self.mask is not None:
@@ -124,11 +139,12 @@ def choose_weights(model: nn.Module, target_modules: list[str] | str, task: str)
     return chosen
 
 
-def add_diffs(model: nn.Module, target_modules: list[str] | str, task: str, gated: bool) -> dict[str, Diff]:
+def add_diffs(model: nn.Module, target_modules: list[str] | str, task: str, gated: bool,
+              fisher: bool = False) -> dict[str, Diff]:
     """Parametrize each chosen weight as W + delta; freezes nothing (the caller decides)."""
     diffs = {}
     for name, linear in choose_weights(model, target_modules, task).items():
-        d = Diff(linear.weight, gated).to(linear.weight.device)
+        d = Diff(linear.weight, gated, fisher).to(linear.weight.device)
         parametrize.register_parametrization(linear, "weight", d)
         diffs[name] = d
     return diffs
@@ -151,17 +167,29 @@ def budget(diffs: dict[str, Diff], density: float) -> tuple[int, int]:
     return max(1, round(density * n)), n
 
 
+def _score(d: Diff) -> torch.Tensor:
+    """What the mask ranks: the probing phase's Fisher sums, or |delta| (for l0 with the gates' mean)."""
+    if d.fisher is None:
+        return d.delta().detach().abs().flatten().float()
+    score = d.fisher.flatten()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Each process summed its own micro-batches' gradients: every process must pick the same mask.
+        score = score.clone()
+        torch.distributed.all_reduce(score)
+    return score
+
+
 @torch.no_grad()
 def fix_mask(diffs: dict[str, Diff], density: float) -> dict[str, torch.Tensor]:
-    """Prune delta to the budget: keep the k largest |delta| over all weights (one global threshold).
+    """Prune delta to the budget: keep the k highest-scoring entries over all weights (one global threshold).
 
     torch.topk returns exactly k entries (ties broken by position), so the budget holds exactly.
-    Returns the kept flat indices per weight; the gates are dropped (their job is done).
+    Returns the kept flat indices per weight; the gates and the Fisher sums are dropped (their job is done).
     """
     k, _ = budget(diffs, density)
     for d in diffs.values():
         d.eval()  # the gates' deterministic value: the same delta evaluation saw
-    flat = torch.cat([d.delta().detach().abs().flatten().float() for d in diffs.values()])
+    flat = torch.cat([_score(d) for d in diffs.values()])
     kept = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     kept[torch.topk(flat, k, sorted=False).indices] = True
     indices, start = {}, 0
@@ -181,6 +209,7 @@ def _apply_mask(d: Diff, idx: torch.Tensor) -> None:
         d.diff.mul_(hard_concrete_mean(d.log_alpha).view_as(d.diff))
         d.log_alpha.requires_grad_(False)
     d.mask = mask.view_as(d.diff)
+    d.fisher = None
 
 
 class DiffSchedule:
@@ -220,15 +249,21 @@ class DiffSchedule:
         return f"diff pruning: mask fixed, {k:,} of {n:,} entries ({100 * k / n:.3f}%) train from here on"
 
     def state_dict(self) -> dict:
-        return {"indices": None if self.indices is None else {k: v.cpu() for k, v in self.indices.items()}}
+        # Mode fisher before the mask: the sums so far, so a resumed run ranks the same entries.
+        fisher = {k: d.fisher.cpu() for k, d in self.diffs.items() if d.fisher is not None}
+        return {"indices": None if self.indices is None else {k: v.cpu() for k, v in self.indices.items()},
+                **({"fisher": fisher} if fisher else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        for name, f in state.get("fisher", {}).items():
+            self.diffs[name].fisher.copy_(f)
         if state["indices"] is None:
             return
         self.indices = state["indices"]
         for name, d in self.diffs.items():
             if d.log_alpha is not None:  # the gates were folded into diff before that checkpoint was saved
                 d.log_alpha.requires_grad_(False)
+            d.fisher = None
             mask = torch.zeros(d.diff.numel(), dtype=d.diff.dtype, device=d.diff.device)
             mask[self.indices[name].to(d.diff.device)] = 1.0
             d.mask = mask.view_as(d.diff)
@@ -240,7 +275,7 @@ def apply_diff_pruning(model: nn.Module, cfg, task: str) -> nn.Module:
     from tunesmith.methods.selective import train_head
 
     model.requires_grad_(False)
-    add_diffs(model, cfg.opt("target_modules"), task, gated=cfg.opt("mode") == "l0")
+    add_diffs(model, cfg.opt("target_modules"), task, gated=cfg.opt("mode") == "l0", fisher=cfg.opt("mode") == "fisher")
     if task_facts(task).head is not None and cfg.train_head:
         train_head(model, pooler=True)  # see _head_names
     return model
