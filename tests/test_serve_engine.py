@@ -191,3 +191,56 @@ def test_try_attach_fills_a_free_slot_and_leaves_a_relayout_to_the_engine(setup,
 
     assert torch.equal(logits(banks[0]), logits(banks[1]))
     assert not banks[0].try_attach("z", small) and banks[0].slots == [None, "y", "x"]  # full: the engine's job
+
+
+def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, monkeypatch):
+    """Once a quarter of the slots or fewer are free, prepare() (a worker thread after each load) lays
+    the stacks out at twice the slots without stopping the engine or other loads: a slot filled or
+    moved while it copies (here: a load, then a removal whose last slot moves into the hole, both
+    run between its copy and its swap) is copied again, so every adapter computes what a bank laid
+    out in one go computes; the next loads then fit without the engine thread."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve import lora_bank
+
+    base_path, adapters = setup
+    monkeypatch.setattr(lora_bank, "INITIAL_SLOTS", 4)
+    bank, ref = (lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval().to(DEVICE)) for _ in range(2))
+    small, big = bank.read(adapters["a0"]), bank.read(adapters["a1"])  # ranks 4 and 8
+    bank.attach("x", big)
+    bank.attach("y", small)  # 3 of 4 slots taken (slot 0 is the base)
+    lock = bank._lock
+
+    class Between:  # runs `ops` when _grow takes the lock to swap, after its copy
+        taken = 0
+
+        def __enter__(self):
+            Between.taken += 1
+            if Between.taken == 2:
+                assert bank.try_attach("z", small)  # into slot 3, past what was copied
+                bank.remove("x")  # slot 3 (z) moves into slot 1, already copied
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    bank._lock = Between()
+    bank.prepare()
+    bank._lock = lock
+    assert bank.capacity == 8 and bank.slots == [None, "z", "y"]
+    ref.attach("z", small)
+    ref.attach("y", small)
+    ids = torch.tensor([[5, 6, 7, 8]] * 4, device=DEVICE)
+
+    def logits(b):
+        b.use(["z", "y", None, "z"])
+        with torch.no_grad():
+            return b.model(input_ids=ids).logits
+
+    assert torch.allclose(logits(bank), logits(ref), atol=1e-5)
+    assert bank.try_attach("w", big) and bank.try_attach("v", small)  # 5 of 8: no engine needed
+    bank.prepare()
+    assert bank.capacity == 8  # 3 free of 8: not yet
+    assert bank.try_attach("u", small)
+    bank.prepare()
+    assert bank.capacity == 16
