@@ -4,6 +4,7 @@ LoRA adapters (of different ranks) and the base in one forward pass. fp32: greed
 identical to the request's reply alone (tunesmith.evaluate.generate on the peft model)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -244,3 +245,62 @@ def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, mon
     assert bank.try_attach("u", small)
     bank.prepare()
     assert bank.capacity == 16
+
+
+@pytest.fixture
+def registry(setup):
+    """A Registry over the tiny base with adapter a1 (rank 8) loaded, its engine running."""
+    from tunesmith.serve.models import Registry
+
+    base_path, adapters = setup
+    reg = Registry("fp32")
+    reg.load([f"base={base_path}", f"a1={adapters['a1']}"])
+    yield reg
+    reg.engine.stop()
+
+
+def test_models_table_is_a_snapshot_while_adapters_come_and_go(registry, setup):
+    """/v1/models iterates the model table on the event loop while a hot load adds to it on a worker
+    thread and an unload removes from it on the engine thread: a reader keeps the table it started
+    with (changed in place, a reader saw another table half-way, or raised 'dictionary changed size
+    during iteration' when the sizes differed)."""
+    _, adapters = setup
+    reading = iter(registry.models.values())
+    first = next(reading)
+    served, weights = registry.read_adapter("new", str(adapters["a0"]))
+    assert registry.try_attach_adapter(served, weights) is served
+    registry.engine.call(lambda: registry.remove_adapter("a1")).result(30)
+    assert [first.id] + [s.id for s in reading] == ["base", "a1"]
+    assert list(registry.models) == ["base", "new"]
+
+
+def test_hot_load_does_not_wait_for_the_engine_thread(registry, setup, tmp_path):
+    """A hot load into a free slot (the server's /v1/load_lora_adapter and the job service's loads
+    alike) completes while the engine thread is busy, as during a long decoding step; an adapter of
+    a larger rank than the stacks' waits for the engine, which lays them out again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.service.app import ModelHost
+
+    base_path, adapters = setup
+    get_peft_model(LlamaForCausalLM.from_pretrained(base_path), LoraConfig(r=16, target_modules="all-linear")
+                   ).save_pretrained(tmp_path / "r16")
+    host = ModelHost(registry, None, adapters["a0"].parent, {})
+    gate = threading.Event()
+    busy = registry.engine.call(gate.wait)  # the engine thread is taken
+    try:
+        assert asyncio.run(asyncio.wait_for(registry.hot_load("x", str(adapters["a0"])), 30)).id == "x"
+        asyncio.run(asyncio.wait_for(host.load("ft:y", "proj", adapters["a0"].name), 30))
+        assert {"x", "ft:y"} <= set(registry.models) and host.owners == {"ft:y": "proj"} and not busy.done()
+
+        async def bigger():
+            task = asyncio.create_task(registry.hot_load("r16", str(tmp_path / "r16")))
+            await asyncio.sleep(0.5)
+            assert not task.done()  # the stacks are rank 8: laid out again on the engine thread
+            gate.set()
+            return await asyncio.wait_for(task, 30)
+        assert asyncio.run(bigger()).id == "r16" and registry.gen.bank.rank == 16
+    finally:
+        gate.set()
+    registry.chores.result(30)
