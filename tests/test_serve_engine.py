@@ -247,6 +247,44 @@ def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, mon
     assert bank.capacity == 16
 
 
+def test_admit_prefills_a_request_that_arrives_during_a_prefill_before_the_next_step(setup):
+    """A request submitted while the engine prefills another is prefilled before the next decoding
+    step of the batch, not after it: its first token waits for no step."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve.engine import Engine, GenModel, GenRequest, SamplingParams
+
+    base_path, _ = setup
+    tok = make_tokenizer("llama")
+    gen = GenModel(LlamaForCausalLM.from_pretrained(base_path).to(DEVICE), None, set(), 256)
+    engine = Engine(gen)
+    order, done = [], threading.Event()
+    prefill, step = engine._prefill, engine._step
+
+    def req(name):
+        return GenRequest(tok(PROMPTS[0])["input_ids"], SamplingParams(max_tokens=3, temperature=0), None, tok,
+                          lambda ev: done.set() if ev["type"] == "done" and name == "late" else None)
+
+    def traced_prefill(r):
+        order.append(("prefill", len(order)))
+        if len(order) == 1:
+            engine.submit(req("late"))  # arrives during the first prefill
+        prefill(r)
+
+    def traced_step():
+        order.append(("step", len(order)))
+        step()
+
+    engine._prefill, engine._step = traced_prefill, traced_step
+    engine.start()
+    try:
+        engine.submit(req("first"))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert [kind for kind, _ in order[:3]] == ["prefill", "prefill", "step"]
+
+
 @pytest.fixture
 def registry(setup):
     """A Registry over the tiny base with adapter a1 (rank 8) loaded, its engine running."""
