@@ -194,12 +194,14 @@ def test_try_attach_fills_a_free_slot_and_leaves_a_relayout_to_the_engine(setup,
     assert not banks[0].try_attach("z", small) and banks[0].slots == [None, "y", "x"]  # full: the engine's job
 
 
-def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, monkeypatch):
+@pytest.mark.parametrize("when", [2, 3, 4])
+def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, monkeypatch, when):
     """Once a quarter of the slots or fewer are free, prepare() (a worker thread after each load) lays
     the stacks out at twice the slots without stopping the engine or other loads: a slot filled or
     moved while it copies (here: a load, then a removal whose last slot moves into the hole, both
-    run between its copy and its swap) is copied again, so every adapter computes what a bank laid
-    out in one go computes; the next loads then fit without the engine thread."""
+    run after its first copy, its second, or just before its swap: `when` = the lock taking they
+    precede) is copied again, so every adapter computes what a bank laid out in one go computes;
+    the next loads then fit without the engine thread."""
     from transformers import LlamaForCausalLM
 
     from tunesmith.serve import lora_bank
@@ -212,12 +214,12 @@ def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, mon
     bank.attach("y", small)  # 3 of 4 slots taken (slot 0 is the base)
     lock = bank._lock
 
-    class Between:  # runs `ops` when _grow takes the lock to swap, after its copy
+    class Between:  # a load and a removal, run as prepare() takes the lock for the `when`-th time
         taken = 0
 
         def __enter__(self):
             Between.taken += 1
-            if Between.taken == 2:
+            if Between.taken == when:
                 assert bank.try_attach("z", small)  # into slot 3, past what was copied
                 bank.remove("x")  # slot 3 (z) moves into slot 1, already copied
             return lock.__enter__()

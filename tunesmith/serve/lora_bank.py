@@ -225,30 +225,50 @@ class LoraBank:
                 _populate(bank.bt[slot])
 
     def _grow(self, layouts: int, rank: int, n0: int, capacity: int) -> None:
-        """The stacks laid out at `capacity` slots: slots 0..n0 copied without the lock (try_attach and
-        remove go on, noting the slots they write in _dirty), then, under the lock, those and any slot
-        added since copied again and the new stacks swapped in."""
+        """The stacks laid out at `capacity` slots. Slots 0..n0 are copied without the lock while
+        try_attach and remove go on (noting the slots they write in _dirty); then, still without it,
+        the slots written meanwhile; the lock is held only to copy what was written during that second
+        pass (usually nothing) and swap the stacks in: a load never waits for this thread, which runs
+        at low priority and may be off the CPU for long on a busy machine."""
         new = {}
-        for module, bank in self.banks.items():
+        for module, bank in list(self.banks.items()):
             w = bank.weight
-            a = torch.empty(capacity, rank, w.shape[1], dtype=w.dtype, device=w.device)
-            bt = torch.empty(capacity, rank, w.shape[0], dtype=w.dtype, device=w.device)
-            scale = torch.zeros(capacity, dtype=w.dtype, device=w.device)
-            a[:n0], bt[:n0], scale[:n0] = bank.a[:n0], bank.bt[:n0], bank.scale[:n0]
-            new[module] = (a, bt, scale)
+            new[module] = (torch.empty(capacity, rank, w.shape[1], dtype=w.dtype, device=w.device),
+                           torch.empty(capacity, rank, w.shape[0], dtype=w.dtype, device=w.device),
+                           torch.zeros(capacity, dtype=w.dtype, device=w.device))
+        slots, seen = set(range(n0)), n0
+        for _ in range(2):
+            copied = self._copy_slots(new, layouts, slots)
+            with self._lock:
+                if not copied:
+                    self._dirty = None
+                    return
+                dirty, self._dirty = self._dirty, set()
+                seen, slots = max(seen, len(self.slots)), dirty | set(range(seen, len(self.slots)))
         with self._lock:
-            dirty, self._dirty = self._dirty, None
-            if self._layouts != layouts or set(new) != set(self.banks):
-                return  # attach() laid the stacks out meanwhile (a larger rank): this copy is stale
-            n = len(self.slots)
-            again = sorted(s for s in dirty | set(range(n0, n)) if s < n)
-            for module, bank in self.banks.items():
-                a, bt, scale = new[module]
-                for s in again:
-                    a[s], bt[s], scale[s] = bank.a[s], bank.bt[s], bank.scale[s]
+            slots |= self._dirty | set(range(seen, len(self.slots)))
+            self._dirty = None
+            if not self._copy_slots(new, layouts, slots):
+                return
+            for module, (a, bt, scale) in new.items():
+                bank = self.banks[module]
                 bank.a, bank.bt, bank.scale = a, bt, scale
             self.capacity = capacity
             self._layouts += 1
+
+    def _copy_slots(self, new: dict, layouts: int, slots: set[int]) -> bool:
+        """Copy `slots` (those still in use) into the `new` stacks; False when attach() laid the stacks
+        out since (a larger rank, new layers: it holds the lock throughout, so a check under the lock
+        is final): this growth is stale."""
+        try:
+            n = len(self.slots)
+            for module, (a, bt, scale) in new.items():
+                bank = self.banks[module]
+                for s in sorted(x for x in slots if x < n):
+                    a[s], bt[s], scale[s] = bank.a[s], bank.bt[s], bank.scale[s]
+        except RuntimeError:  # a stack of another rank swapped in mid-copy
+            return False
+        return self._layouts == layouts
 
     def remove(self, name: str) -> None:
         """Drop an adapter: the last slot moves into its place (the engine thread only)."""
