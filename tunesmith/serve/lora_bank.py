@@ -90,8 +90,8 @@ def _lora_weights(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tenso
 # adapter writes its own slot in place: no copy of the others, and resident memory grows by the
 # adapter's own bytes. Once a quarter or fewer of the slots are free, prepare() lays the stacks out
 # again at twice the size on a worker thread, so a hot load finds a free slot instead of waiting for
-# that copy (about 0.8 s at 16 slots of SmolLM2's r 16 adapters). prepare() also writes the next
-# free slot once (its pages mapped), so the load itself only copies the adapter in.
+# that copy (about 0.8 s at 16 slots of SmolLM2's r 16 adapters). prepare() also has the OS map the
+# next free slot's pages (_populate), so the load itself only copies the adapter in.
 INITIAL_SLOTS = 16
 # One adapter alone is served folded, but folding copies every adapted weight: worth it for a
 # stream of steps, not for one short request. Fold once it has run alone for this many forwards.
@@ -340,13 +340,14 @@ class LoraBank:
 
 
 def _madvise():
+    """libc's madvise(addr, length, advice) through ctypes, or None where there is none (not Linux)."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
