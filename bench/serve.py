@@ -1,6 +1,7 @@
 """`tunesmith serve` against the simple way of serving many adapters, in the same run, on SmolLM2.
 
 Run: .venv/bin/python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 8] [--precision fp32]
+     .venv/bin/python bench/serve.py --only-hot   (step 3 alone: a few minutes instead of the whole run)
 
 Adapters: peft LoRA r 16 / alpha 32 on all linear layers of SmolLM2-135M-Instruct (the shapes of
 configs/sft-identity-lora.yaml's adapter), made here with random B matrices (std 0.01) instead of
@@ -246,6 +247,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--hot", type=int, default=6, help="adapters hot-loaded for the load and memory figures")
     ap.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's choice)")
+    ap.add_argument("--only-hot", action="store_true",
+                    help="only the hot loads (step 3), idle and busy: no baseline, no throughput phases")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -263,7 +266,8 @@ def main() -> None:
 
     if args.precision == "bf16":
         print("note: the baseline runs in fp32; use --precision fp32 for a like-for-like comparison")
-    base_row, base_replies = baseline(base_path, adapters, four, args.max_tokens)
+    if not args.only_hot:
+        base_row, base_replies = baseline(base_path, adapters, four, args.max_tokens)
 
     port = 8700 + os.getpid() % 200
     url = f"http://127.0.0.1:{port}"
@@ -284,7 +288,7 @@ def main() -> None:
                  "1": [("a0", q) for q in questions], "base": [("base", q) for q in questions]}
         names = {"4": "4 adapters", "8": "8 adapters", "1": "1 adapter (folded)", "base": "bare base"}
         rows = {}
-        for key, jobs in loads.items():
+        for key, jobs in ({} if args.only_hot else loads).items():
             # one short wave of the same mix first: steady state (a lone adapter is folded by then)
             asyncio.run(drive(url, f"  warm-up, {names[key]}", jobs[: args.clients], args.clients, 12, proc.pid))
             rows[key], replies = asyncio.run(drive(url, f"tunesmith serve: {args.clients} clients, {names[key]}",
@@ -292,6 +296,8 @@ def main() -> None:
             if key == "4":
                 same = sum(replies[k] == base_replies[k] for k in replies)
                 print(f"replies identical to the baseline's: {same}/{len(replies)}", flush=True)
+        if args.only_hot:  # what the busy phase's clients ask, served once: every reply's adapter is warm
+            asyncio.run(drive(url, "  warm-up, 4 adapters", loads["4"][: args.clients], args.clients, 12, proc.pid))
         print("hot loads on the idle server:", flush=True)
         hot = asyncio.run(hot_loads(url, adapters[8:], proc.pid))
         print(f"hot loads while {args.clients} clients are served (4 adapters):", flush=True)
@@ -299,9 +305,18 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    print("\nratios (targets in brackets):")
+    if not args.only_hot:
+        ratios(base_row, rows, hot)
+    for where, h in (("idle server", hot), (f"{args.clients} clients busy", busy)):
+        print(f"  load call to first token, p95, {where + ':':<22}{h['load_to_first_token_p95_ms']:>6.0f} ms  [< 250 ms]"
+              f"  (load call p95 {h['load_call_p95_ms']:.0f} ms; first token on a loaded adapter, p50 "
+              f"{h['first_token_already_loaded_p50_ms']:.0f} ms)")
+
+
+def ratios(base_row: dict, rows: dict, hot: dict) -> None:
     tps = {k: r["tokens_per_s"] for k, r in rows.items()}
     tpc = {k: r["tokens_per_cpu_s"] for k, r in rows.items()}
-    print("\nratios (targets in brackets):")
     base_tpc = base_row["tokens_per_cpu_s"]
     print("  (each ratio from wall-clock tokens/s, then from tokens per CPU-second of the serving process)")
     print(f"  tunesmith serve 8 clients / 4 adapters vs baseline:  {tps['4'] / base_row['tokens_per_s']:.2f}x, "
@@ -310,10 +325,6 @@ def main() -> None:
     print(f"  one adapter (folded) vs bare base:                   {tps['1'] / tps['base']:.2f}x, "
           f"{tpc['1'] / tpc['base']:.2f}x  [>= 0.85x]")
     print(f"  memory per extra adapter / its parameter bytes:              {hot['memory_per_adapter_over_params']:.2f}x  [<= 1.2x]")
-    for where, h in (("idle server", hot), (f"{args.clients} clients busy", busy)):
-        print(f"  load call to first token, p95, {where + ':':<22}{h['load_to_first_token_p95_ms']:>6.0f} ms  [< 250 ms]"
-              f"  (load call p95 {h['load_call_p95_ms']:.0f} ms; first token on a loaded adapter, p50 "
-              f"{h['first_token_already_loaded_p50_ms']:.0f} ms)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ LoRA adapters (of different ranks) and the base in one forward pass. fp32: greed
 identical to the request's reply alone (tunesmith.evaluate.generate on the peft model)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -191,3 +192,155 @@ def test_try_attach_fills_a_free_slot_and_leaves_a_relayout_to_the_engine(setup,
 
     assert torch.equal(logits(banks[0]), logits(banks[1]))
     assert not banks[0].try_attach("z", small) and banks[0].slots == [None, "y", "x"]  # full: the engine's job
+
+
+@pytest.mark.parametrize("when", [2, 3, 4])
+def test_prepare_grows_the_stacks_ahead_while_loads_and_removes_go_on(setup, monkeypatch, when):
+    """Once a quarter of the slots or fewer are free, prepare() (a worker thread after each load) lays
+    the stacks out at twice the slots without stopping the engine or other loads: a slot filled or
+    moved while it copies (here: a load, then a removal whose last slot moves into the hole, both
+    run after its first copy, its second, or just before its swap: `when` = the lock taking they
+    precede) is copied again, so every adapter computes what a bank laid out in one go computes;
+    the next loads then fit without the engine thread."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve import lora_bank
+
+    base_path, adapters = setup
+    monkeypatch.setattr(lora_bank, "INITIAL_SLOTS", 4)
+    bank, ref = (lora_bank.LoraBank(LlamaForCausalLM.from_pretrained(base_path).eval().to(DEVICE)) for _ in range(2))
+    small, big = bank.read(adapters["a0"]), bank.read(adapters["a1"])  # ranks 4 and 8
+    bank.attach("x", big)
+    bank.attach("y", small)  # 3 of 4 slots taken (slot 0 is the base)
+    lock = bank._lock
+
+    class Between:  # a load and a removal, run as prepare() takes the lock for the `when`-th time
+        taken = 0
+
+        def __enter__(self):
+            Between.taken += 1
+            if Between.taken == when:
+                assert bank.try_attach("z", small)  # into slot 3, past what was copied
+                bank.remove("x")  # slot 3 (z) moves into slot 1, already copied
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    bank._lock = Between()
+    bank.prepare()
+    bank._lock = lock
+    assert bank.capacity == 8 and bank.slots == [None, "z", "y"]
+    ref.attach("z", small)
+    ref.attach("y", small)
+    ids = torch.tensor([[5, 6, 7, 8]] * 4, device=DEVICE)
+
+    def logits(b):
+        b.use(["z", "y", None, "z"])
+        with torch.no_grad():
+            return b.model(input_ids=ids).logits
+
+    assert torch.allclose(logits(bank), logits(ref), atol=1e-5)
+    assert bank.try_attach("w", big) and bank.try_attach("v", small)  # 5 of 8: no engine needed
+    bank.prepare()
+    assert bank.capacity == 8  # 3 free of 8: not yet
+    assert bank.try_attach("u", small)
+    bank.prepare()
+    assert bank.capacity == 16
+
+
+def test_admit_prefills_a_request_that_arrives_during_a_prefill_before_the_next_step(setup):
+    """A request submitted while the engine prefills another is prefilled before the next decoding
+    step of the batch, not after it: its first token waits for no step."""
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.serve.engine import Engine, GenModel, GenRequest, SamplingParams
+
+    base_path, _ = setup
+    tok = make_tokenizer("llama")
+    gen = GenModel(LlamaForCausalLM.from_pretrained(base_path).to(DEVICE), None, set(), 256)
+    engine = Engine(gen)
+    order, done = [], threading.Event()
+    prefill, step = engine._prefill, engine._step
+
+    def req(name):
+        return GenRequest(tok(PROMPTS[0])["input_ids"], SamplingParams(max_tokens=3, temperature=0), None, tok,
+                          lambda ev: done.set() if ev["type"] == "done" and name == "late" else None)
+
+    def traced_prefill(r):
+        order.append(("prefill", len(order)))
+        if len(order) == 1:
+            engine.submit(req("late"))  # arrives during the first prefill
+        prefill(r)
+
+    def traced_step():
+        order.append(("step", len(order)))
+        step()
+
+    engine._prefill, engine._step = traced_prefill, traced_step
+    engine.start()
+    try:
+        engine.submit(req("first"))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert [kind for kind, _ in order[:3]] == ["prefill", "prefill", "step"]
+
+
+@pytest.fixture
+def registry(setup):
+    """A Registry over the tiny base with adapter a1 (rank 8) loaded, its engine running."""
+    from tunesmith.serve.models import Registry
+
+    base_path, adapters = setup
+    reg = Registry("fp32")
+    reg.load([f"base={base_path}", f"a1={adapters['a1']}"])
+    yield reg
+    reg.engine.stop()
+
+
+def test_models_table_is_a_snapshot_while_adapters_come_and_go(registry, setup):
+    """/v1/models iterates the model table on the event loop while a hot load adds to it on a worker
+    thread and an unload removes from it on the engine thread: a reader keeps the table it started
+    with (changed in place, a reader saw another table half-way, or raised 'dictionary changed size
+    during iteration' when the sizes differed)."""
+    _, adapters = setup
+    reading = iter(registry.models.values())
+    first = next(reading)
+    served, weights = registry.read_adapter("new", str(adapters["a0"]))
+    assert registry.try_attach_adapter(served, weights) is served
+    registry.engine.call(lambda: registry.remove_adapter("a1")).result(30)
+    assert [first.id] + [s.id for s in reading] == ["base", "a1"]
+    assert list(registry.models) == ["base", "new"]
+
+
+def test_hot_load_does_not_wait_for_the_engine_thread(registry, setup, tmp_path):
+    """A hot load into a free slot (the server's /v1/load_lora_adapter and the job service's loads
+    alike) completes while the engine thread is busy, as during a long decoding step; an adapter of
+    a larger rank than the stacks' waits for the engine, which lays them out again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from tunesmith.service.app import ModelHost
+
+    base_path, adapters = setup
+    get_peft_model(LlamaForCausalLM.from_pretrained(base_path), LoraConfig(r=16, target_modules="all-linear")
+                   ).save_pretrained(tmp_path / "r16")
+    host = ModelHost(registry, None, adapters["a0"].parent, {})
+    gate = threading.Event()
+    busy = registry.engine.call(gate.wait)  # the engine thread is taken
+    try:
+        assert asyncio.run(asyncio.wait_for(registry.hot_load("x", str(adapters["a0"])), 30)).id == "x"
+        asyncio.run(asyncio.wait_for(host.load("ft:y", "proj", adapters["a0"].name), 30))
+        assert {"x", "ft:y"} <= set(registry.models) and host.owners == {"ft:y": "proj"} and not busy.done()
+
+        async def bigger():
+            task = asyncio.create_task(registry.hot_load("r16", str(tmp_path / "r16")))
+            await asyncio.sleep(0.5)
+            assert not task.done()  # the stacks are rank 8: laid out again on the engine thread
+            gate.set()
+            return await asyncio.wait_for(task, 30)
+        assert asyncio.run(bigger()).id == "r16" and registry.gen.bank.rank == 16
+    finally:
+        gate.set()
+    registry.chores.result(30)

@@ -501,11 +501,9 @@ class Api:
         if req.lora_name in self.registry.models:
             raise ApiError(400, f"The lora adapter '{req.lora_name}' has already been loaded", param="lora_name")
         try:
-            served, weights = await asyncio.to_thread(self.registry.read_adapter, req.lora_name, req.lora_path)
             # into a free slot at once, not after the running decoding step (which can take longer
-            # than the load); past the slots laid out, the engine thread lays them out again
-            if await asyncio.to_thread(self.registry.try_attach_adapter, served, weights) is None:
-                await self.on_engine(lambda: self.registry.attach_adapter(served, weights))
+            # than the load); only a larger rank than the stacks' waits for the engine thread
+            await self.registry.hot_load(req.lora_name, req.lora_path)
         except TunesmithError as e:
             raise ApiError(400, str(e), param="lora_path") from None
         self.metrics.adapters.set(len(self.registry.gen.bank.slots) - 1)

@@ -206,6 +206,9 @@ class Engine:
                         fut.set_exception(e)
 
     def _admit(self) -> None:
+        """Prefill waiting requests while the batch has room. A request that arrived during a prefill
+        is taken in too, before the next decoding step: its first token does not wait for a step of
+        the running batch (a step costs about what a short prompt's prefill does on a CPU)."""
         while self.waiting and len(self.rows) + self.waiting[0].params.n <= max(self.max_batch, self.waiting[0].params.n):
             req = self.waiting.pop(0)
             if req.cancelled:
@@ -216,6 +219,8 @@ class Engine:
             except Exception as e:
                 log.exception("prefill failed")
                 self._fail(req, e)
+            if not self.waiting:
+                self._drain(block=False)
 
     def _fail(self, req: GenRequest, e: Exception) -> None:
         req.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})

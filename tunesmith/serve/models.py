@@ -7,9 +7,11 @@ reward) are served through AdapterSet, one per base. What each model offers come
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,17 @@ def _release_freed_memory() -> None:
             pass
 
 
+def _low_priority() -> None:
+    """The calling thread yields the CPU to the engine and the event loop (Linux: nice 19 for this
+    thread only): chores after a load must not slow the prefill that follows it on a small CPU."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the chores run at normal priority
+        pass
+
+
 def parse_spec(spec: str) -> tuple[str | None, str]:
     """'name=path' -> (name, path); 'path' -> (None, path)."""
     if "=" in spec and not Path(spec).exists():
@@ -90,6 +103,8 @@ class Registry:
     """Model ids -> Served; owns the generative base (GenModel), its engine and the encoder groups."""
 
     def __init__(self, precision: str | None = None, max_batch: int = 32, on_stats=None) -> None:
+        # Replaced, never changed in place (_publish, _withdraw): the endpoints iterate it on the event
+        # loop while adapters are attached on worker threads and removed on the engine thread.
         self.models: dict[str, Served] = {}
         self.gen: GenModel | None = None
         self.gen_base: Served | None = None
@@ -99,6 +114,17 @@ class Registry:
         self.on_stats = on_stats
         self.engine: Engine | None = None
         self._attach_lock = threading.Lock()  # a name is checked and taken at once, on any thread
+        # after a load: the bank's next slot made ready and freed heap handed back, off the request path
+        self._chores = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-bank", initializer=_low_priority)
+        self.chores: Future | None = None  # the latest, for tests and benchmarks to wait on
+
+    def _publish(self, served: Served) -> None:
+        with self._attach_lock:
+            self.models = {**self.models, served.id: served}
+
+    def _withdraw(self, name: str) -> None:
+        with self._attach_lock:
+            self.models = {k: v for k, v in self.models.items() if k != name}
 
     # ---- start-up -------------------------------------------------------------------------------
     def load(self, specs: list[str]) -> None:
@@ -131,7 +157,7 @@ class Registry:
         max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.gen = GenModel(model.to(acc.device), acc.autocast, eos, max_len)
         self.gen_base = served
-        self.models[served.id] = served
+        self._publish(served)
 
     def _add_model(self, name: str, path: str) -> None:
         """A plain model folder / hub id / .gguf / builtin: alias: the generative base, or an encoder."""
@@ -146,8 +172,8 @@ class Registry:
 
         acc, _ = make_accelerator(self._train_cfg(None))
         group = EncoderGroup(AutoModel.from_pretrained(resolved).eval().to(acc.device), acc)
-        self.models[name] = Served(name, resolved, frozenset({"embeddings"}), tok, DataConfig(), False, 0,
-                                   encoder=group, base_path=resolved)
+        self._publish(Served(name, resolved, frozenset({"embeddings"}), tok, DataConfig(), False, 0,
+                             encoder=group, base_path=resolved))
 
     def _add_run(self, name: str, run: Path) -> None:
         cfg = load_config(run / "config.yaml")
@@ -210,9 +236,8 @@ class Registry:
             group = EncoderGroup(loaded.model.to(acc.device), acc)
             tok = loaded.tokenizer
         self._unique(name)
-        self.models[name] = Served(name, str(run), task.serves, tok, cfg.data, False, 0, adapter=name,
-                                   encoder=group, cfg=cfg, labels=labels,
-                                   base_path=resolve_model_path(cfg.model.name_or_path))
+        self._publish(Served(name, str(run), task.serves, tok, cfg.data, False, 0, adapter=name, encoder=group,
+                             cfg=cfg, labels=labels, base_path=resolve_model_path(cfg.model.name_or_path)))
 
     def _unique(self, name: str) -> None:
         if name in self.models:
@@ -264,8 +289,8 @@ class Registry:
         with self._attach_lock:
             self._unique(served.id)
             self.gen.bank.attach(served.id, weights)
-            self.models[served.id] = served
-        _release_freed_memory()
+            self.models = {**self.models, served.id: served}
+        self._after_load()
         return served
 
     def try_attach_adapter(self, served: Served, weights: dict) -> Served | None:
@@ -275,10 +300,33 @@ class Registry:
             self._unique(served.id)
             if not self.gen.bank.try_attach(served.id, weights):
                 return None
-            self.models[served.id] = served
-        _release_freed_memory()
+            self.models = {**self.models, served.id: served}
+        self._after_load()
         return served
+
+    def _after_load(self) -> None:
+        """Chores a load leaves, done on a worker so that the load call returns at once: the bank's
+        stacks grown before they are full and its next slot mapped (LoraBank.prepare), then the
+        freed heap (the adapter file as read) handed back to the OS."""
+        def chores() -> None:
+            self.gen.bank.prepare()
+            _release_freed_memory()
+        self.chores = self._chores.submit(chores)
+
+    async def hot_load(self, name: str, path: str) -> Served:
+        """Read adapter `name` from `path` and serve it, from the event loop: reading and writing its
+        slot happen on a worker thread while the engine goes on decoding; only an adapter that does
+        not fit the stacks as laid out (a larger rank) waits for the engine thread between two steps.
+        Raises TunesmithError as read_adapter does."""
+        def read_and_attach() -> tuple[Served, dict, Served | None]:
+            served, weights = self.read_adapter(name, path)
+            return served, weights, self.try_attach_adapter(served, weights)
+
+        served, weights, done = await asyncio.to_thread(read_and_attach)
+        if done is None:
+            done = await asyncio.wrap_future(self.engine.call(lambda: self.attach_adapter(served, weights)))
+        return done
 
     def remove_adapter(self, name: str) -> None:
         self.gen.bank.remove(name)
-        del self.models[name]
+        self._withdraw(name)

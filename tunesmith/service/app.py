@@ -110,9 +110,8 @@ class ModelHost:
                 if self.registry.gen is None:
                     await asyncio.to_thread(self.registry.ensure_base, run, self._base_id(run),
                                             path if path != run else None)
-                served, weights = await asyncio.to_thread(self.registry.read_adapter, name, str(path))
-                await asyncio.wrap_future(self.registry.engine.call(lambda: self.registry.attach_adapter(served,
-                                                                                                       weights)))
+                # as /v1/load_lora_adapter does: not behind the running decoding step
+                await self.registry.hot_load(name, str(path))
             except TunesmithError as e:  # e.g. trained on another base than the one this process serves
                 self.failed[name] = str(e)
                 print(f"tunesmith service: cannot serve {name}: {e}", flush=True)
