@@ -20,9 +20,9 @@ def _config(tmp_path: Path, **sections) -> Path:
 
 
 # A random-init tiny model needs more steps than a pretrained one; at ~50 steps/s that is cheap.
-LR = {"lora": 3e-3, "head": 1e-2, "full": 3e-3}
+LR = {"lora": 3e-3, "head": 1e-2, "full": 3e-3, "adapter": 3e-3}
 METHOD_OPTIONS = {"lora": {"name": "lora", "r": 8, "target_modules": "all-linear"}, "full": {"name": "full"},
-                  "head": {"name": "head", "unfreeze_top_layers": 1}}
+                  "head": {"name": "head", "unfreeze_top_layers": 1}, "adapter": {"name": "adapter"}}
 
 
 def _cls_config(tmp_path, tiny_bert, data, method, **train):
@@ -217,6 +217,12 @@ def test_a_finished_run_is_a_base_for_the_next(tmp_path, tiny_bert, sentiment_ro
                    [f"--model.name_or_path={first.run_dir}", "--output.name=second"])
     assert second.before["metrics"]["loss"] == pytest.approx(first.after["metrics"]["loss"], abs=1e-6)
     assert second.before["metrics"]["accuracy"] == first.after["metrics"]["accuracy"]
-    with pytest.raises(TunesmithError, match="saved an adapter, not a whole model; merge it first"):
+    # A LoRA run as a base: merged once into RUN/merged, and the third run starts from the second's weights.
+    third = train(_cls_config(tmp_path, tiny_bert, data, "lora", epochs=1),
+                  [f"--model.name_or_path={second.run_dir}", "--output.name=third"])
+    assert (second.run_dir / "merged" / "config.json").is_file()
+    assert third.before["metrics"]["loss"] == pytest.approx(second.after["metrics"]["loss"], abs=1e-5)
+    bottleneck = train(_cls_config(tmp_path, tiny_bert, data, "adapter", epochs=1))
+    with pytest.raises(TunesmithError, match="Prompt-learning and bottleneck adapters cannot be merged"):
         train(_cls_config(tmp_path, tiny_bert, data, "lora", epochs=1),
-              [f"--model.name_or_path={second.run_dir}", "--output.name=third"])
+              [f"--model.name_or_path={bottleneck.run_dir}", "--output.name=fourth"])

@@ -204,9 +204,16 @@ def test_classification_trains_saves_loads_and_merges(tiny_bert, sentiment_rows,
         assert torch.equal(plain(**enc).logits, want)  # merged == unmerged, bit for bit in fp32
     preds = predict(run, ["good film"])
     assert preds[0]["label"] in ("negative", "positive")
-    with pytest.raises(TunesmithError, match="saved an adapter, not a whole model; merge it first"):
-        train(_cfg(run, "classification", data, tmp_path / "next", method={"name": "full", "density": None}))
-    train(_cfg(out, "classification", data, tmp_path / "next", method={"name": "bitfit", "density": None}, max_steps=1))
+    # The run folder itself is a base: its diff is merged once into RUN/merged, and the next run starts
+    # from exactly the trained model (its "before" is this run's "after" on the same split).
+    nxt_cfg = _cfg(run, "classification", data, tmp_path / "next", method={"name": "full", "density": None},
+                   max_steps=1)
+    nxt_cfg.eval.before = True
+    nxt = train(nxt_cfg)
+    assert (run / "merged" / "config.json").is_file()
+    assert nxt.before["metrics"]["loss"] == pytest.approx(res.after["metrics"]["loss"], abs=1e-6)
+    assert predict(nxt.run_dir, ["good film"])[0]["label"] in ("negative", "positive")
+    train(_cfg(out, "classification", data, tmp_path / "next2", method={"name": "bitfit", "density": None}, max_steps=1))
 
 
 def _parametrized_model(run, res):

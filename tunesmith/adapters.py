@@ -131,7 +131,7 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     QLoRA deployment path). A sparse diff (diff pruning) is added into the base weights.
     Prompt-learning and bottleneck adapters cannot be merged.
     """
-    from tunesmith.runs import load_run
+    from tunesmith.methods.saved import load_run
 
     info = adapter_info(run)
     if info["kind"].startswith("full model"):
@@ -143,7 +143,7 @@ def merge(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
                              "weights); serve it "
                              "with its base instead")
     from peft import PeftModel
-    from tunesmith.runs import MERGED_CONFIG
+    from tunesmith.methods.saved import MERGED_CONFIG
 
     loaded = load_run(run, quantized=False)
     # load_run adds a sparse diff into the base weights already; a peft adapter is folded in here.
@@ -163,7 +163,7 @@ def combine(runs: list[str | Path], out: str | Path, weights: list[float] | None
     how: linear (weighted sum; same rank), cat (concatenate ranks), svd, ties, ties_svd,
     dare_linear, dare_ties, magnitude_prune; `density` is the fraction kept by the pruning ones.
     """
-    from tunesmith.runs import load_run
+    from tunesmith.methods.saved import load_run
 
     if len(runs) < 2:
         raise TunesmithError("combine: give at least two runs")

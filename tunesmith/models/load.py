@@ -47,16 +47,24 @@ def resolve_model_path(name: str) -> str:
     return path_str  # a hub id such as 'org/name'; from_pretrained fetches it where the hub is reachable
 
 
+MERGED_BASE = "merged"  # RUN/merged: a run's update folded into its base, when a later run starts from it
+
+
 def _run_model(run: Path) -> Path:
     """A finished run as a base for the next one (continued training, or LP-FT: head first on the
-    frozen-bottom cache, then LoRA): the whole model it saved. An adapter run (peft, bottleneck, or
-    a diff-pruning diff) has no whole model until it is merged, and starting from its base would
+    frozen-bottom cache, then LoRA): the whole model it saved, or its update merged into its base
+    (RUN/merged, written once by `train` when a run starts from it). An adapter run that cannot be
+    merged (prompt learning, bottleneck) has no whole model, and starting from its base would
     silently drop what it learned."""
     if (run / "model" / "config.json").is_file():
         return run / "model"
+    if (run / MERGED_BASE / "config.json").is_file():
+        return run / MERGED_BASE
     if (run / "adapter").is_dir() or (run / "bottleneck").is_dir() or (run / "diff").is_dir():
-        raise TunesmithError(f"{run}: this run saved an adapter, not a whole model; merge it first "
-                             f"(tunesmith merge {run} --out FOLDER) and start from FOLDER")
+        raise TunesmithError(f"{run}: this run saved an adapter, not a whole model. `tunesmith train` from it merges a "
+                             f"mergeable update (LoRA family, IA3, a sparse diff) into {run / MERGED_BASE} once; "
+                             f"or merge it yourself (tunesmith merge {run} --out FOLDER). Prompt-learning and "
+                             "bottleneck adapters cannot be merged: train from their base model instead")
     raise TunesmithError(f"{run}: a run folder without a saved model (no model/config.json)")
 
 

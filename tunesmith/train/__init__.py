@@ -28,7 +28,7 @@ from tunesmith.evaluate.stats import compare_results
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
-from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
+from tunesmith.models.load import MERGED_BASE, load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
@@ -50,6 +50,27 @@ class RunResult:
     before: dict | None
     after: dict
     summary: dict[str, Any]
+
+
+def _merge_run_base(name: str, on_event: EventFn | None) -> None:
+    """A finished run that saved a mergeable update (a sparse diff, LoRA, IA3...) as the base of a new
+    run: fold it into its base once, into RUN/merged, which resolve_model_path then loads for this run
+    and for everything that later loads it (predict, eval, serve). Other runs are left to
+    resolve_model_path: a whole model loads as it is, a prompt or bottleneck adapter is a clear error."""
+    run = Path(name)
+    if (not (run / "run.json").is_file() or (run / "model" / "config.json").is_file()
+            or (run / MERGED_BASE / "config.json").is_file()):
+        return
+    from tunesmith.adapters import adapter_info, merge
+
+    if not adapter_info(run).get("mergeable"):
+        return
+    _say(f"{run}: merging its update into its base once, into {run / MERGED_BASE}: the base of this run", on_event)
+    try:
+        merge(run, run / MERGED_BASE)
+    except TunesmithError:
+        if not (run / MERGED_BASE / "config.json").is_file():  # another process merged it meanwhile: fine
+            raise
 
 
 def _say(msg: str, on_event: EventFn | None) -> None:
@@ -105,6 +126,7 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
 
     # ---- everything that can fail on user input happens before the run folder exists ----
     set_seed(cfg.train.seed)
+    _merge_run_base(cfg.model.name_or_path, on_event)
     base_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     data = task.prepare(cfg, tokenizer)
