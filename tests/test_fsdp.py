@@ -115,3 +115,17 @@ def test_fsdp2_two_processes_match_one_process_with_sharded_checkpoints_that_res
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
     assert _logged(tmp_path / "two" / "runs" / "cls-lora") == _logged(killed)
     assert not list((killed / "checkpoints").glob(".*"))
+
+
+def test_fsdp2_refuses_what_it_does_not_handle_yet():
+    import pytest
+
+    from tunesmith.config import load_config
+    from tunesmith.errors import TunesmithError
+    from tunesmith.train.loop import _check_fsdp
+
+    cfg = load_config({"task": "classification", "data": {"train": "x"}, "method": {"name": "diff_pruning"},
+                       "train": {"ema_decay": 0.9}})
+    with pytest.raises(TunesmithError, match=r"FSDP2 launches do not support train.ema_decay .*; method diff_pruning"):
+        _check_fsdp(cfg, torch.nn.Linear(2, 2))
+    _check_fsdp(load_config({"task": "classification", "data": {"train": "x"}}), torch.nn.Linear(2, 2))  # LoRA: fine
