@@ -330,8 +330,9 @@ def test_estimate_matches_measured_runs(tmp_path):
     measured_mb = {128: 1702, 512: 2939, 2048: 8790, 4096: 16010}  # SmolLM2 LoRA, batch 1
     for tokens, mb in measured_mb.items():
         assert 0.9 < _estimate("sft", smol, [tokens], batch_size=1)["peak_memory_mb"] / mb < 1.1
-    ckpt = _estimate("sft", smol, [2048], batch_size=1, gradient_checkpointing=True)["peak_memory_mb"]
-    assert 0.9 < ckpt / 4864 < 1.15
+    for tokens, mb in {1024: 2828, 2048: 4864}.items():  # with gradient checkpointing (its two constants' fit)
+        ckpt = _estimate("sft", smol, [tokens], batch_size=1, gradient_checkpointing=True)["peak_memory_mb"]
+        assert 0.95 < ckpt / mb < 1.05
     assert 0.9 < _estimate("classification", minilm, [256] * 4, batch_size=4)["peak_memory_mb"] / 1090 < 1.1
     # seconds per step at the measured matmul peak (134-158 GFLOP/s: 146): MiniLM 256 x 16 took 3.15 s,
     # SmolLM2 128 x 8 8.72 s

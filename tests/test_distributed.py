@@ -247,7 +247,8 @@ def test_accelerate_templates_are_valid_accelerate_configs_with_their_command():
 
 @pytest.mark.parametrize("env,message", [
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "install deepspeed with pip install 'tunesmith\\[deepspeed\\]'"),
-    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP launches are not supported by tunesmith yet"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1 launches are not supported by tunesmith yet"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "Use FSDP2 \\(fsdp_version: 2"),
 ])
 def test_sharded_engines_stop_with_what_to_do(monkeypatch, env, message):
     import importlib.util

@@ -88,17 +88,26 @@ def kill_chain(args: list[str], plan: list[str], run_dir: Path, timer_delay, tim
                ) -> tuple[int, list[str]]:
     """Run `args` once per link of `plan` (every link after the first with --resume): a fault point
     (faults.py) kills the link from inside, "timer" with SIGKILL from outside after timer_delay()
-    seconds. Stops early when a link finishes; then runs the rest to the end. Returns the kills that
-    landed and a line per link."""
+    seconds, "after-step" from outside timer_delay() seconds after the link has logged its first
+    training step (keyed to the run's progress, not to its start-up time, which varies with the
+    machine's load). Stops early when a link finishes; then runs the rest to the end. Returns the
+    kills that landed and a line per link."""
     killed, log, proc = 0, [], None
     for i, where in enumerate(plan):
-        proc = _fork(args + (["--resume"] if i else []), None if where == "timer" else where)
-        if where == "timer":  # from outside, at a moment nobody chose
+        outside = where in ("timer", "after-step")
+        resumed_at = (ckpt.step_of(ckpt.latest_checkpoint(run_dir)) or 0) if i else 0
+        started = time.time()
+        proc = _fork(args + (["--resume"] if i else []), None if outside else where)
+        if outside:  # from outside, at a moment nobody chose
+            if where == "after-step":
+                deadline = time.time() + timeout
+                while proc.is_alive() and _trained_past(run_dir, resumed_at, started) is None and time.time() < deadline:
+                    time.sleep(0.01)
             delay = timer_delay()
             proc.join(delay)
             if proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGKILL)
-            where = f"timer {delay:.1f}s"
+            where = f"{where} {delay:.1f}s" + (f" (link resumed at step {resumed_at})" if i else "")
         proc.join(timeout)
         assert proc.exitcode is not None, f"seed {seed}: link {i} ({where}) hangs"
         newest = ckpt.latest_checkpoint(run_dir)
@@ -110,6 +119,18 @@ def kill_chain(args: list[str], plan: list[str], run_dir: Path, timer_delay, tim
     if proc is not None and proc.exitcode != 0:
         assert run(args + ["--resume"]) == 0
     return killed, log
+
+
+def _trained_past(run_dir: Path, step: int, since: float) -> int | None:
+    """The newest training step after `step` that a link started at `since` has logged (None while
+    there is none). Rows the killed link before it logged past its checkpoint are still there until
+    the new link truncates the log (which rewrites the file): a file not written since is not read."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    steps = [r["step"] for line in path.read_text().splitlines() if line.endswith("}")
+             for r in [json.loads(line)] if r["kind"] == "train" and r["step"] > step]
+    return max(steps, default=None)
 
 
 def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, tiny_bert, sentiment_rows):

@@ -49,13 +49,20 @@ def objective_sums(model, feats: list[dict[str, Any]], cfg: RunConfig, pad_id: i
     objective = task.objective(cfg)
     sums = Sums()
     batches = batch_order([feature_length(f) for f in feats], cfg.eval.batch_size, shuffle=False)
-    with lora_folded(model):  # one matmul per adapted layer, folded once (methods/folded.py)
-        for n, idxs in enumerate(batches[acc.process_index::acc.num_processes]):
+    mine = batches[acc.process_index::acc.num_processes]
+    # FSDP2: every forward all-gathers weights, so every process runs as many as the busiest one
+    # (a stand-in batch, not counted), and LoRA is not folded into the sharded base weights.
+    fsdp = _is_sharded(model)
+    rounds = -(-len(batches) // acc.num_processes) if fsdp else len(mine)
+    with lora_folded(model, max_bytes=0 if fsdp else None):  # one matmul per adapted layer, folded once (methods/folded.py)
+        for n in range(rounds):
+            idxs = mine[n] if n < len(mine) else batches[0]
             batch_feats = [feats[i] for i in idxs]
             batch = _to(collate_any(batch_feats, pad_id), acc.device)
             with acc.autocast(), frozen.use(batch_feats, batch) if frozen is not None else nullcontext():
                 out = objective(model, batch)
-            sums.add(out, batch, task.count_items(batch), idxs)
+            if n < len(mine):
+                sums.add(out, batch, task.count_items(batch), idxs)
             if n == 0:
                 faults.reached("eval")
     model.train(was_training)
@@ -64,6 +71,13 @@ def objective_sums(model, feats: list[dict[str, Any]], cfg: RunConfig, pad_id: i
         torch.distributed.all_gather_object(parts, sums)
         sums = Sums.merged(parts)
     return sums
+
+
+def _is_sharded(model) -> bool:
+    """A model under FSDP2 (torch's fully_shard; train/sharded.py shards it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _eval_group(sums: Sums, split, feats: list[dict], labels: list[str] | None, task) -> RowGroup | None:

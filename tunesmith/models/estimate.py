@@ -28,7 +28,7 @@ training, the sum of
     per block ACT_BYTES x (10 x hidden + 2 or 4 x intermediate) per token, a term in heads x length
     for batches of several examples (SCORE_BYTES: fitted, its cause not pinned down), LoRA dropout's
     copy of each adapted input (5 B per element); with gradient checkpointing
-    BYTES_PER_LAYER_HIDDEN_CKPT per layer x hidden;
+    (CKPT_BYTES + CKPT_LENGTH_BYTES x length) per layer x hidden, plus one layer's dropout copies;
   - a causal LM's logits (LOGIT_BYTES per token per vocabulary entry).
 Calibration. fp32 activations: bench/scaling.py's step bench (SmolLM2 LoRA, batch 1, 128 to 4,096
 tokens: 1,201 MB + 3.63 MB per token; tests/test_data_check.py keeps the model on those rows) and
@@ -63,7 +63,14 @@ SCORE_BYTES = {"fp32": 4.2, "bf16": 2.1, "fp16": 2.1}
 LOGIT_BYTES = 12.0  # per token per vocabulary entry: logits, log-softmax and their gradient, fp32
 STEP_BYTES_FULL = 4.0  # full fine-tuning: AdamW's foreach step makes a temporary copy of the weights
 LOAD_FACTOR = 2.0  # loading: the weight file's pages and the tensors they become
-BYTES_PER_LAYER_HIDDEN_CKPT = 82.0  # with gradient checkpointing: bench/scaling.py's 1,024 -> 2,048 token slope
+# With gradient checkpointing, bytes kept per token per layer x hidden: CKPT_BYTES + CKPT_LENGTH_BYTES x the padded
+# length (a cost per token that grows with the length, so a total that grows with its square). Fitted to
+# bench/scaling.py's two checkpointed runs (SmolLM2 LoRA, dropout 0.05, batch 1, fp32: 2,828 MB at 1,024 tokens,
+# 4,864 MB at 2,048) as the rest of this model leaves them. The slope between those two points (82 B, the constant
+# before) is the cost of one more token at ~1,500 tokens, which counted twice what short examples keep
+# (bench/estimate.py's batch 16 x 57 case: 1.246x). What the length term is was not pinned down.
+CKPT_BYTES = 49.6
+CKPT_LENGTH_BYTES = 0.0115
 GATED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
 ADAM_BYTES = {"adamw": 12, "paged_adamw": 12, "adamw_8bit": 6, "paged_adamw_8bit": 6}  # grad + state per weight
 
@@ -182,7 +189,7 @@ def peak_memory(cfg: RunConfig, shape: dict[str, Any], longest: int, precision: 
     if head_only:
         per_token = 0.0
     elif t.gradient_checkpointing:  # only block inputs are kept; a block's activations are rebuilt in backward
-        per_token = BYTES_PER_LAYER_HIDDEN_CKPT * layers * hidden + dropout_bytes / max(layers, 1)
+        per_token = (CKPT_BYTES + CKPT_LENGTH_BYTES * longest) * layers * hidden + dropout_bytes / max(layers, 1)
     else:
         per_token = layers * per_layer + dropout_bytes
     logits = LOGIT_BYTES * shape.get("vocab", 0)  # a causal LM's logits, their log-softmax and gradient

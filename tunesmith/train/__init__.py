@@ -34,6 +34,7 @@ from tunesmith.tasks import get_task
 from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed as dist
+from tunesmith.train import sharded
 from tunesmith.train.loop import EventFn, fit
 from tunesmith.train.online import fit_online
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
@@ -190,6 +191,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
             _say(f"restored best checkpoint (step {result.best_step}, validation {result.best_metric} {result.best_value:.4f})", on_event)
         _say("evaluating the trained model ...", on_event)
         after = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))  # every process: a share each
+        if sharded.is_sharded(model):  # FSDP2: the whole weights, gathered for process 0 to write
+            sharded.materialise(model, main)
         if not main:  # process 0 writes the model, summary and report; the others wait for it and return
             dist.barrier(acc)
             return RunResult(run_dir, before, after, {"steps": result.steps, "status": "completed", "rank": acc.process_index})

@@ -22,6 +22,8 @@ import torch
 from tunesmith import faults
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.common import trainable_state
+from tunesmith.train import sharded
+from tunesmith.train.sharded import SHARDS
 from tunesmith.utils import atomic_folder, restore_aside
 
 MARKER = "COMPLETE"
@@ -47,11 +49,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, model, optimizer=None, scheduler=None, progress: dict[str, Any] | None = None,
-                    ema=None, method=None, rngs: list[dict[str, Any]] | None = None) -> None:
+                    ema=None, method=None, rngs: list[dict[str, Any]] | None = None, shards: Path | None = None) -> None:
     """Atomically write a checkpoint folder: weights.pt, plus state.pt when an optimizer is given
     (without one it is a weights-only copy, as kept for the best validation step). weights.pt holds
     the raw training weights; a weight average, if any, and a method's own state (diff pruning's
     mask) go into state.pt. `rngs`: every process's RNG state, by rank (default: this process's).
+    `shards`: under FSDP2, a folder every process has written its shard of the weights and optimizer
+    state into (train/sharded.py); it is moved in as `sharded/` in place of weights.pt and the
+    optimizer, and state.pt (written when `progress` is given) holds the rest.
 
     Raises:
         CheckpointError: the folder could not be written (the message says why, and which
@@ -60,15 +65,19 @@ def save_checkpoint(folder: Path, model, optimizer=None, scheduler=None, progres
     folder = Path(folder)
     try:
         with atomic_folder(folder, durable=True) as tmp:
-            _save(trainable_state(model), tmp / "weights.pt")
+            if shards is None:
+                _save(trainable_state(model), tmp / "weights.pt")
+            else:
+                shutil.move(str(shards), str(tmp / SHARDS))
             faults.reached("checkpoint-write")
-            if optimizer is not None:
+            if optimizer is not None or (shards is not None and progress is not None):
                 rngs = rngs or [rng_state()]
-                _save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                _save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                       "scheduler": scheduler.state_dict(),
                             "rng": rngs[0], "rng_by_rank": rngs, "progress": progress,
                             **({"ema": ema.state_dict()} if ema is not None else {}),
                             **({"method": method.state_dict()} if method is not None else {})}, tmp / "state.pt")
-            sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / MARKER).write_text(json.dumps({"files": sizes}))  # last: its presence means the rest is whole
     except OSError as e:
         prev = latest_checkpoint(folder.parent.parent) if folder.parent.name == "checkpoints" else None
@@ -112,7 +121,11 @@ def incomplete(folder: Path) -> str | None:
 
 
 def load_weights(folder: Path, model) -> None:
-    """Load trainable weights saved by save_checkpoint into the (same-shaped) model."""
+    """Load trainable weights saved by save_checkpoint into the (same-shaped) model. A sharded
+    checkpoint (FSDP2) is read by every process, each into its own shard (a collective)."""
+    if (folder / SHARDS).is_dir():
+        sharded.load_shards(folder / SHARDS, model, None)
+        return
     state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
     missing = set(state) - set(model.state_dict())
     if missing:

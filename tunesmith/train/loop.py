@@ -33,6 +33,7 @@ from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed as dist
 from tunesmith.train import frozen_cache
+from tunesmith.train import sharded
 from tunesmith.train.averaging import WeightAverage
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -114,15 +115,22 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
     metric, greater = cfg.best_metric()
 
+    fsdp = sharded.requested() and size > 1  # FSDP2: this process holds 1/N of each weight (train/sharded.py)
+    if fsdp:
+        _check_fsdp(cfg, acc.unwrap_model(model))
+        sharded.shard_model(acc.unwrap_model(model))  # in place, before the optimizer sees the parameters
     optimizer = make_optimizer(model, cfg, acc.device.type)
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp:  # accelerate would wrap the sharded model in DDP on CPUs: FSDP2 reduces its own gradients
+        model, optimizer = acc.prepare(model, optimizer)
+    no_sync = (lambda: sharded.no_sync(model)) if fsdp else (lambda: acc.no_sync(model))
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = training_schedule(acc.unwrap_model(model), cfg.method)  # diff pruning: L0 penalty, mask step
     ema = WeightAverage(params, t.ema_decay) if t.ema_decay else None
     averaged = ema.applied if ema is not None else nullcontext  # what evaluation and the kept model see
-    frozen, why = frozen_cache.plan(acc.unwrap_model(model), cfg, [feats, val.features if val is not None else []])
+    frozen, why = (None, "frozen-bottom cache: off under FSDP") if fsdp else frozen_cache.plan(
+        acc.unwrap_model(model), cfg, [feats, val.features if val is not None else []])
     if why:
         emit({"kind": "message", "text": why})
     from_frozen = frozen.use if frozen is not None else (lambda fs, b: nullcontext())
@@ -151,9 +159,11 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
     def save(step: int) -> None:
         nonlocal saved_at
         rngs = dist.gather(acc, ckpt.rng_state())  # each process's dropout stream, to resume exactly
+        shards = _write_shards(acc, run_dir, f"step-{step}", model, optimizer) if fsdp else None
         _on_main(acc, lambda: (ckpt.save_checkpoint(
-            run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), optimizer, scheduler, dict(prog),
-            ema=ema, method=schedule, rngs=rngs), ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)))
+            run_dir / "checkpoints" / f"step-{step}", acc.unwrap_model(model), None if fsdp else optimizer, scheduler,
+            dict(prog), ema=ema, method=schedule, rngs=rngs, shards=shards),
+            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)))
         saved_at = step
         emit({"kind": "checkpoint", "step": step, "path": str(run_dir / "checkpoints" / f"step-{step}")})
 
@@ -174,7 +184,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
             for k, (batch, batch_feats, weight) in enumerate(shares):
                 batch = {n: v.to(acc.device) for n, v in batch.items()}
                 # DDP: gradients all-reduce (averaged over processes) once per step, on the last micro-batch's backward.
-                with nullcontext() if k == len(shares) - 1 else acc.no_sync(model):
+                with nullcontext() if k == len(shares) - 1 else no_sync():
                     with acc.autocast(), from_frozen(batch_feats, batch):
                         out = objective(model, batch)
                         loss = out.loss_sum * (weight * size / (denom if denom > 0 else 1))
@@ -189,7 +199,7 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     loss_sum += float(out.loss_sum.detach())
                     tokens += int(batch["attention_mask"].sum())
                     correct += int(out.correct)
-            norm = _grad_norm(acc, params, t.max_grad_norm)  # clipped to max_grad_norm when set
+            norm = _grad_norm(acc, params, t.max_grad_norm, fsdp)  # clipped to max_grad_norm when set
             names = sorted(extras)
             totals = dist.sum_across(acc, [loss_sum, tokens, float(cancel is not None and cancel.is_set()), correct,
                                            *[extras[n] for n in names]])
@@ -252,8 +262,9 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                         row.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
                         improved = _improved(row[metric], prog["best_value"], greater)
                         if improved:  # the kept copy holds what was just evaluated
+                            best = _write_shards(acc, run_dir, "best", model, None) if fsdp else None
                             _on_main(acc, lambda: ckpt.save_checkpoint(run_dir / "checkpoints" / "best",
-                                                                        acc.unwrap_model(model)))
+                                                                        acc.unwrap_model(model), shards=best))
                     if improved:
                         prog.update(best_value=row[metric], best_step=step, bad_evals=0)
                     else:
@@ -303,12 +314,41 @@ def _shares(group: list[list[dict]], task, pad_id: int, rank: int, size: int) ->
     return denom, mine
 
 
-def _grad_norm(acc: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """The gradient's total norm (after DDP's all-reduce: the same on every process), clipped when asked."""
+def _grad_norm(acc: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None, fsdp: bool = False) -> float:
+    """The gradient's total norm (after DDP's all-reduce: the same on every process), clipped when asked.
+    Under FSDP2 each process holds a shard of each gradient: the norm is a DTensor, made whole here."""
     if max_norm is not None:
-        return float(acc.clip_grad_norm_(params, max_norm))
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if fsdp else acc.clip_grad_norm_(params, max_norm))
+        return float(sharded.full_tensor(norm))
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return float(sharded.full_tensor(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
+
+
+def _check_fsdp(cfg: RunConfig, model) -> None:
+    """What the FSDP2 path does not handle yet: say so before training starts."""
+    from tunesmith.models.quant import is_quantized
+
+    problems = [what for what, bad in (("train.ema_decay (the average is kept by process 0 alone)", cfg.train.ema_decay),
+                                       ("method diff_pruning (its mask state is kept by process 0 alone)",
+                                        cfg.method.name == "diff_pruning"),
+                                       ("a quantised base (QLoRA)", is_quantized(model))) if bad]
+    if problems:
+        raise TunesmithError("FSDP2 launches do not support " + "; ".join(problems) + " yet: run it data parallel "
+                             "(configs/accelerate/ddp.yaml, or tunesmith train --nproc N)")
+
+
+def _write_shards(acc: Accelerator, run_dir: Path, name: str, model, optimizer) -> Path:
+    """Every process writes its shard of the trainable weights (and the optimizer state) into a
+    temporary folder that process 0 then moves into the checkpoint `name` (FSDP2, train/sharded.py).
+    A kill leaves only a `.tmp-*` folder, which resume removes."""
+    folder = run_dir / "checkpoints" / f".tmp-shards-{name}"
+    if acc.is_main_process:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier(acc)
+    sharded.save_shards(folder, model, optimizer)
+    return folder
 
 
 def _on_main(acc: Accelerator, write: Callable[[], Any]) -> None:
@@ -326,9 +366,13 @@ def _on_main(acc: Accelerator, write: Callable[[], Any]) -> None:
 
 def _restore(folder: Path, acc: Accelerator, model, optimizer, scheduler, ema, schedule, emit: EventFn) -> dict[str, Any]:
     """Load a checkpoint into the run's objects; returns its progress."""
-    ckpt.load_weights(folder, acc.unwrap_model(model))
+    if (folder / ckpt.SHARDS).is_dir():  # FSDP2: each process reads its shard of the weights and optimizer state
+        sharded.load_shards(folder / ckpt.SHARDS, acc.unwrap_model(model), optimizer)
+    else:
+        ckpt.load_weights(folder, acc.unwrap_model(model))
     state = ckpt.load_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rngs = state.get("rng_by_rank", [state["rng"]])
     if len(rngs) != acc.num_processes:

@@ -34,12 +34,18 @@ def check_engine() -> None:
         raise TunesmithError("this launch asks for DeepSpeed (an accelerate config with distributed_type: DEEPSPEED), "
                              "which is not installed: install deepspeed with pip install 'tunesmith[deepspeed]', or "
                              "launch with configs/accelerate/ddp.yaml")
+    from tunesmith.train import sharded
+
+    if sharded.requested():
+        return  # FSDP2: tunesmith shards the model itself (train/sharded.py)
     for env, name in SHARDED_ENGINES.items():
         if os.environ.get(env, "false").lower() == "true":
-            raise TunesmithError(f"{name} launches are not supported by tunesmith yet: its checkpoints and final model "
+            what = "FSDP version 1" if name == "FSDP" else name
+            raise TunesmithError(f"{what} launches are not supported by tunesmith yet: its checkpoints and final model "
                                  "are written by process 0 from whole weights, which this engine shards, so they would "
-                                 "not resume. Use data parallel (configs/accelerate/ddp.yaml, or tunesmith train --nproc "
-                                 "N); docs/DISTRIBUTED.md says what is verified and what remains")
+                                 "not resume. Use FSDP2 (fsdp_version: 2, configs/accelerate/fsdp2-*.yaml) or data "
+                                 "parallel (configs/accelerate/ddp.yaml, or tunesmith train --nproc N); "
+                                 "docs/DISTRIBUTED.md says what is verified and what remains")
 
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, str]:
