@@ -10,13 +10,17 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.data import text_blocks
 from tunesmith.objectives import causal_lm_rows
+from tunesmith.pref.data import encode_prompt
 from tunesmith.pref.rollout import get_scorer, make_reference, make_rollout
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg: RunConfig, acc) -> dict[str, Any]:
-    """Sample one completion per held-out prompt (fixed seed, so before and after see the same draws
-    of randomness), score it with the run's reward and measure the KL to the reference policy."""
+def evaluate_policy(model, tokenizer, examples: list, cfg: RunConfig, acc, chat: bool) -> dict[str, Any]:
+    """Sample one completion per distinct prompt of held-out examples (fixed seed, so before and
+    after, and every evaluation during training, see the same draws of randomness), score it with
+    the run's reward and measure the KL to the reference policy and the completion's length."""
+    prompts = list({str(e.prompt): e.prompt for e in examples}.values())  # each prompt once
+    prompt_ids = [encode_prompt(p, cfg, tokenizer, chat) for p in prompts]
     scorer = get_scorer(cfg, acc.device)
     reference = make_reference(model)
     rewards, kls, lengths, texts = [], [], [], []
@@ -41,7 +45,7 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
         rows["metrics"]["positive_share"] = ["share", "positive"]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c, "reward": round(float(s), 3)}
                for p, c, s in list(zip(prompts, texts, r))[:cfg.eval.num_samples or 5]]
-    return {"metrics": metrics, "samples": samples, "rows": rows}
+    return {"metrics": metrics, "samples": samples, "rows": rows, "prompts": prompts}
 
 
 def alignment_tax(model, tokenizer, cfg: RunConfig, acc) -> float:

@@ -37,12 +37,11 @@ from tunesmith.pref.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from tunesmith.pref.data import encode_prompt
 from tunesmith.pref.evaluate import evaluate_policy
 from tunesmith.pref.rollout import Rollout, get_scorer, make_reference, make_rollout, policy_forward
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
+from tunesmith.train.loop import FitResult, _improved, _restore, _truncate_log, make_optimizer
 
 
 # ---------------------------------------------------------------- the loop
@@ -117,15 +116,6 @@ def _prompt_batches(n: int, size: int, seed: int, epoch: int) -> list[list[int]]
     return [idx[i: i + size] for i in range(0, n, size)]
 
 
-def _validate(model, tokenizer, data, cfg: RunConfig, acc) -> dict[str, float]:
-    """The policy on the held-out validation prompts: mean reward of one sample each (drawn with a
-    fixed seed, so every evaluation sees the same randomness), KL to the reference, length."""
-    exs = data.splits["validation"].examples
-    prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each prompt once
-    ids = [encode_prompt(q, cfg, tokenizer, data.chat) for q in prompts]
-    return evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)["metrics"]
-
-
 def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on_event=None,
                cancel: threading.Event | None = None, resume_from: Path | None = None):
     """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
@@ -159,13 +149,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef,
             "best_value": None, "best_step": None, "bad_evals": 0}
     metrics_path = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        ckpt.load_weights(resume_from, bundle)
-        state = ckpt.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        prog = {"best_value": None, "best_step": None, "bad_evals": 0} | state["progress"]  # older checkpoints lack them
+    if resume_from is not None:  # older checkpoints lack the keep-best keys: prog's defaults stay
+        prog = prog | _restore(resume_from, acc, bundle, optimizer, scheduler, None, None, emit)
         _truncate_log(metrics_path, prog["step"])
     moments = RunningMoments(prog["moments"])
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -215,7 +200,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             save = (t.eval_every != "epoch" and step % t.eval_every == 0) or step == total_steps or \
                    (t.eval_every == "epoch" and prog["batch"] == 0)
             if save and val is not None:  # keep-best and early stopping on the held-out prompts
-                m = _validate(model, tokenizer, data, cfg, acc)
+                m = evaluate_policy(model, tokenizer, val.examples, cfg, acc, data.chat)["metrics"]  # reward, KL, length
                 if _improved(m[metric], prog["best_value"], greater):
                     ckpt.save_checkpoint(run_dir / "checkpoints" / "best", model)
                     prog.update(best_value=m[metric], best_step=step, bad_evals=0)
