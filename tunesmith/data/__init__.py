@@ -67,17 +67,13 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
     labels = cfg.data.labels or src.get("labels") or infer_labels(train_records, cfg.data)
     if not labels:
         col, have = cfg.data.columns.get("label", "label"), file_columns(train_records)
-        raise TunesmithError(f"{_source_name(cfg)}: classification needs a label column, but column '{col}' is "
+        raise TunesmithError(f"{cfg.data.train_name()}: classification needs a label column, but column '{col}' is "
                              f"{'empty' if col in have else 'not found'}; the file has {', '.join(have)}. Map your "
                              "columns with data.columns (e.g. --data.columns.label=sentiment), or set task for "
                              "other data (sft: prompt/completion or chat, cpt: text)")
     if len(labels) < 2:
-        raise TunesmithError(f"{_source_name(cfg)}: classification needs at least 2 labels, found {labels}")
+        raise TunesmithError(f"{cfg.data.train_name()}: classification needs at least 2 labels, found {labels}")
     return list(labels)
-
-
-def _source_name(cfg: RunConfig) -> str:
-    return cfg.data.train_name()
 
 
 def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]]]:
