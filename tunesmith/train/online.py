@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
+from tunesmith.data.collate import batch_order
 from tunesmith.errors import TrainingCancelled
 from tunesmith.pref.losses import (
     adapt_kl_coef,
@@ -110,12 +110,6 @@ def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, sch
     return {k: v / max(updates, 1) for k, v in sums.items()}
 
 
-def _prompt_batches(n: int, size: int, seed: int, epoch: int) -> list[list[int]]:
-    idx = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(idx)
-    return [idx[i: i + size] for i in range(0, n, size)]
-
-
 def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on_event=None,
                cancel: threading.Event | None = None, resume_from: Path | None = None):
     """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
@@ -165,7 +159,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     tokens, stop = 0, False
     model.train()
     while prog["step"] < total_steps and not stop:
-        batches = _prompt_batches(len(feats), per_step, t.seed, prog["epoch"])
+        batches = batch_order([len(f["prompt_ids"]) for f in feats], per_step, shuffle=True, seed=t.seed,
+                              epoch=prog["epoch"], group_by_length=False)  # the ordinary loop's seeded shuffle
         while prog["step"] < total_steps and prog["batch"] < len(batches) and not stop:
             chosen = [feats[i] for i in batches[prog["batch"]]]
             reps = p.num_generations if grpo else 1
