@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from tunesmith.config import RunConfig
 from tunesmith.data.collate import batch_order
 from tunesmith.errors import TrainingCancelled
+from tunesmith.evaluate.plots import pyplot, save_figure
 from tunesmith.pref.losses import (
     adapt_kl_coef,
     gae,
@@ -221,11 +222,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
 def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = None) -> None:
     """Mean reward and KL to the reference per step; with PPO, the KL coefficient on a second axis
     (and the controller's target, when there is one), so a reader sees what held the KL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     rows = [r for r in rows if r["kind"] == "train" and "reward" in r]
     if not rows:
@@ -244,6 +241,4 @@ def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = 
         ax3.set_ylabel("kl_coef", color="tab:gray")
     for ax in (ax1, ax2):
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
