@@ -22,8 +22,9 @@ import time
 
 from tunesmith.adapter_set import AdapterSet
 from tunesmith.config import load_config
-from tunesmith.data import load_records, prepare_data
+from tunesmith.data import load_records
 from tunesmith.models.load import load_tokenizer, resolve_model_path
+from tunesmith.tasks import prepare_data
 
 
 def held_out_reviews(run_dir: str, n: int) -> list[tuple[str, str]]:

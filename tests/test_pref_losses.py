@@ -2,7 +2,7 @@
 
 References are float64 hand computations written from the papers' formulas (loops, math.*),
 and trl's own implementations where they are callable on their own (ORPO's odds ratio, the
-log-prob and entropy helpers).
+entropy helper).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tunesmith.data.tokenize import IGNORE
 from tunesmith.pref import losses as L
 
 torch.manual_seed(0)
@@ -20,21 +19,6 @@ torch.manual_seed(0)
 
 def _sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
-
-
-def test_sequence_logps_matches_trl_selective_log_softmax():
-    from trl.trainer.utils import selective_log_softmax
-
-    logits = torch.randn(3, 7, 11)
-    ids = torch.randint(0, 11, (3, 7))
-    labels = ids.clone()
-    labels[:, :3] = IGNORE  # prompt
-    labels[2, 5:] = IGNORE  # padding
-    lp, n = L.sequence_logps(logits, labels)
-    ref = selective_log_softmax(logits[:, :-1], ids[:, 1:])  # (3, 6)
-    mask = labels[:, 1:] != IGNORE
-    assert torch.allclose(lp, (ref * mask).sum(-1), atol=1e-5)
-    assert n.tolist() == [4, 4, 2]
 
 
 def test_entropy_matches_trl():

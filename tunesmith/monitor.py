@@ -33,6 +33,7 @@ from tunesmith.data.readers import detect_reader, read_records
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import predict_texts
 from tunesmith.evaluate.drift import chi2_test, ks_test, mmd_test, oov_rates, oov_test, words
+from tunesmith.evaluate.plots import pyplot, save_figure
 from tunesmith.runs import LoadedModel, load_run, read_inputs, to_device
 from tunesmith.tasks import get_task, load_examples
 from tunesmith.tasks.base import unit_key
@@ -362,11 +363,7 @@ def monitor_markdown(r: dict[str, Any]) -> str:
 
 def plot_windows(r: dict[str, Any], out_png: Path) -> None:
     """-log10 p per test over the windows, with the alarm threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     idx = [w["index"] for w in r["windows"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(idx) + 4), 4))
     for name in r["windows"][0]["tests"]:
@@ -380,6 +377,4 @@ def plot_windows(r: dict[str, Any], out_png: Path) -> None:
     ax.set_ylabel("-log10 p")
     ax.set_title(f"drift tests per window of {r['window']} inputs")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)

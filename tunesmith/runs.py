@@ -12,7 +12,6 @@ from tunesmith.methods.saved import (  # noqa: F401 (re-exported)
     LoadedModel,
     is_run_dir,
     load_base,
-    load_model_folder,
     load_run,
     to_device,
 )

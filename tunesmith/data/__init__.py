@@ -9,10 +9,10 @@ from typing import Any
 
 from tunesmith import assets
 from tunesmith.config import DataConfig, RunConfig, task_facts
-from tunesmith.data.formats import check_columns, file_columns, filter_where, infer_labels
+from tunesmith.data.formats import Example, check_columns, file_columns, filter_where, infer_labels
 from tunesmith.data.readers import Record, read_records
 from tunesmith.data.splits import take
-from tunesmith.data.tokenize import TokenStats
+from tunesmith.data.tokenize import TokenStats, tokenize_cpt
 from tunesmith.errors import DataError, Problem, TunesmithError
 
 # A task's reader: (records, run config, labels, label names) -> (format, examples); raises DataError.
@@ -67,17 +67,13 @@ def resolve_labels(cfg: RunConfig, train_records: list[Record], src: dict[str, A
     labels = cfg.data.labels or src.get("labels") or infer_labels(train_records, cfg.data)
     if not labels:
         col, have = cfg.data.columns.get("label", "label"), file_columns(train_records)
-        raise TunesmithError(f"{_source_name(cfg)}: classification needs a label column, but column '{col}' is "
+        raise TunesmithError(f"{cfg.data.train_name()}: classification needs a label column, but column '{col}' is "
                              f"{'empty' if col in have else 'not found'}; the file has {', '.join(have)}. Map your "
                              "columns with data.columns (e.g. --data.columns.label=sentiment), or set task for "
                              "other data (sft: prompt/completion or chat, cpt: text)")
     if len(labels) < 2:
-        raise TunesmithError(f"{_source_name(cfg)}: classification needs at least 2 labels, found {labels}")
+        raise TunesmithError(f"{cfg.data.train_name()}: classification needs at least 2 labels, found {labels}")
     return list(labels)
-
-
-def _source_name(cfg: RunConfig) -> str:
-    return cfg.data.train_name()
 
 
 def split_examples(cfg: RunConfig, read: ReadFn) -> tuple[str, list[str] | None, dict[str, list[Any]]]:
@@ -160,3 +156,31 @@ def _scores(pool: list[Any], records: list[Record], d: DataConfig) -> dict[int, 
 
 def _smaller(size: int | float, n: int) -> bool:
     return (size < 1.0) if isinstance(size, float) else size < n
+
+
+_BLOCKS: dict[tuple, list[dict]] = {}
+
+
+def text_blocks(source: str, blocks: int, cfg: RunConfig, tokenizer, setting: str) -> list[dict]:
+    """The first `blocks` packed blocks of data.max_length tokens of a text source (a file or
+    builtin: alias with a `text` column, read for `setting`), tokenised as CPT does; cached per process."""
+    key = (source, blocks, cfg.data.max_length, tokenizer.name_or_path, len(tokenizer))
+    if key not in _BLOCKS:
+        records, _ = load_records(source, cfg.data.model_copy(update={"where": {}, "columns": {}}))
+        data_cfg = cfg.data.model_copy(update={"packing": True})
+        exs: list[Example] = []
+        feats: list[dict] = []
+        for rec in records:  # enough documents for the blocks, not the whole corpus
+            text = rec.fields.get("text")
+            if isinstance(text, str) and text.strip():
+                exs.append(Example(where=rec.where, text=text))
+                if len(exs) % 200 == 0:
+                    feats, _ = tokenize_cpt(exs, data_cfg, tokenizer)
+                    if len(feats) > blocks:  # the last block may be short: keep only full ones
+                        break
+        if len(feats) <= blocks:
+            feats, _ = tokenize_cpt(exs, data_cfg, tokenizer)
+        if not feats:
+            raise TunesmithError(f"{setting}: {source} has no 'text' column with text in it")
+        _BLOCKS[key] = feats[:blocks]
+    return _BLOCKS[key]

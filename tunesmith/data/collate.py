@@ -33,6 +33,17 @@ def batch_order(lengths: list[int], batch_size: int, *, shuffle: bool, seed: int
     return batches
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts left-padded for generation: ids and attention mask, (B, P) each."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    return ids, attn
+
+
 def collate(features: list[dict[str, Any]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a list of features to the batch's longest sequence (or to `width`: a data-parallel
     process pads its share as the whole batch is padded, so each row computes as on one process)."""

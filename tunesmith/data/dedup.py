@@ -59,10 +59,6 @@ class Shingles:
     def of(self, i: int) -> np.ndarray:
         return self.hashes[self.offsets[i]: self.offsets[i + 1]]
 
-    def set_of(self, i: int) -> np.ndarray:
-        """Text i's k-grams as a sorted set."""
-        return np.unique(self.of(i))
-
 
 def words(texts: list[str]) -> Words:
     """Split every text into words and hash each word to a 32-bit id, in numpy over the texts'
@@ -233,14 +229,6 @@ def candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> 
     return np.stack([code // n, code % n], axis=1)
 
 
-def jaccard(x: np.ndarray, y: np.ndarray) -> float:
-    """Exact Jaccard similarity of two sorted unique arrays (an empty set matches nothing: 0)."""
-    if len(x) == 0 or len(y) == 0:
-        return 0.0
-    inter = len(np.intersect1d(x, y, assume_unique=True))
-    return inter / (len(x) + len(y) - inter)
-
-
 def near_pairs(sh: Shingles, threshold: float, split: int | None = None,
                num_perm: int = NUM_PERM) -> list[tuple[int, int, float]]:
     """Pairs (i, j, jaccard), i < j, with exact Jaccard >= threshold. Texts with the same set
@@ -268,7 +256,7 @@ def near_pairs(sh: Shingles, threshold: float, split: int | None = None,
         a = sets[i] if i in sets else sets.setdefault(i, set(sh.of(i).tolist()))
         b = sets[j] if j in sets else sets.setdefault(j, set(sh.of(j).tolist()))
         inter = len(a & b)
-        return inter / (len(a) + len(b) - inter) if a and b else 0.0  # as jaccard()
+        return inter / (len(a) + len(b) - inter) if a and b else 0.0  # an empty set matches nothing
 
     pairs: dict[tuple[int, int], float] = {}
     if len(leads) > 1:

@@ -89,7 +89,9 @@ def _chat_segments(msgs: list[dict[str, str]], tokenizer, train_all: bool) -> li
     return segs
 
 
-def _encode_sft(ex: Example, cfg: DataConfig, tokenizer, chat: bool) -> tuple[list[int], list[int], int]:
+def encode_sft(ex: Example, cfg: DataConfig, tokenizer, chat: bool, stats: TokenStats) -> tuple[list[int], list[int], int]:
+    """Prompt + answer as ids, labels (IGNORE where no loss is taken) and the prompt's length, cut
+    to max_length; the untruncated length and any cut are counted in `stats`."""
     train_all = cfg.loss_on == "all"
     if chat:
         segs = _chat_segments(chat_messages(ex, cfg), tokenizer, train_all)
@@ -109,6 +111,10 @@ def _encode_sft(ex: Example, cfg: DataConfig, tokenizer, chat: bool) -> tuple[li
     if not chat and cfg.add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
+    stats.lengths.append(len(ids))
+    if len(ids) > cfg.max_length:
+        stats.truncated += 1
+        ids, labels, prompt_len = _truncate_sft(ids, labels, prompt_len, cfg.max_length)
     return ids, labels, prompt_len
 
 
@@ -151,11 +157,7 @@ def tokenize_sft(examples: list[Example], fmt: str, cfg: DataConfig, tokenizer) 
     chat = use_chat_template(cfg, fmt, tokenizer)
     problems = []
     for e in examples:
-        ids, labels, plen = _encode_sft(e, cfg, tokenizer, chat)
-        stats.lengths.append(len(ids))
-        if len(ids) > cfg.max_length:
-            stats.truncated += 1
-            ids, labels, plen = _truncate_sft(ids, labels, plen, cfg.max_length)
+        ids, labels, plen = encode_sft(e, cfg, tokenizer, chat, stats)
         if all(lab == IGNORE for lab in labels):
             stats.dropped += 1
             problems.append(Problem(e.where, f"no answer tokens left within max_length={cfg.max_length}", field="completion"))

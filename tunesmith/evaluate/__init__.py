@@ -22,10 +22,6 @@ from tunesmith.tasks import Sums, get_task
 from tunesmith.tasks.base import RowGroup, generate, row_keys  # noqa: F401 (generate re-exported)
 
 
-def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def score_features(model, feats: list[dict[str, Any]], cfg: RunConfig, labels: list[str] | None, pad_id: int,
                    acc: Accelerator, frozen=None) -> dict:
     """The task's objective over features, summed, then its metrics (accuracy/F1, loss/perplexity,
@@ -58,7 +54,7 @@ def objective_sums(model, feats: list[dict[str, Any]], cfg: RunConfig, pad_id: i
         for n in range(rounds):
             idxs = mine[n] if n < len(mine) else batches[0]
             batch_feats = [feats[i] for i in idxs]
-            batch = _to(collate_any(batch_feats, pad_id), acc.device)
+            batch = {k: v.to(acc.device) for k, v in collate_any(batch_feats, pad_id).items()}
             with acc.autocast(), frozen.use(batch_feats, batch) if frozen is not None else nullcontext():
                 out = objective(model, batch)
             if n < len(mine):

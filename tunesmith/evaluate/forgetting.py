@@ -17,42 +17,14 @@ import torch
 
 from tunesmith.assets import data_source
 from tunesmith.config import RunConfig
-from tunesmith.data import load_records
-from tunesmith.data.collate import batch_order, collate
-from tunesmith.data.formats import Example
-from tunesmith.data.tokenize import render_prompt, tokenize_cpt
+from tunesmith.data import text_blocks
+from tunesmith.data.tokenize import render_prompt
 from tunesmith.errors import TunesmithError
-from tunesmith.objectives import causal_lm
+from tunesmith.objectives import causal_lm_rows
 from tunesmith.tasks.base import generate, unit_key
 from tunesmith.tasks.metrics import normalize
 
 QA_NEW_TOKENS = 32  # answers are a few words; longer generations only cost time
-_BLOCKS: dict[tuple, list[dict]] = {}
-
-
-def text_blocks(source: str, blocks: int, cfg: RunConfig, tokenizer) -> list[dict]:
-    """The first `blocks` packed blocks of data.max_length tokens of a text source (a file or
-    builtin: alias with a `text` column), tokenised as CPT does; cached per process."""
-    key = (source, blocks, cfg.data.max_length, tokenizer.name_or_path, len(tokenizer))
-    if key not in _BLOCKS:
-        records, _ = load_records(source, cfg.data.model_copy(update={"where": {}, "columns": {}}))
-        data_cfg = cfg.data.model_copy(update={"packing": True})
-        exs: list[Example] = []
-        feats: list[dict] = []
-        for rec in records:  # enough documents for the blocks, not the whole corpus
-            text = rec.fields.get("text")
-            if isinstance(text, str) and text.strip():
-                exs.append(Example(where=rec.where, text=text))
-                if len(exs) % 200 == 0:
-                    feats, _ = tokenize_cpt(exs, data_cfg, tokenizer)
-                    if len(feats) > blocks:  # the last block may be short: keep only full ones
-                        break
-        if len(feats) <= blocks:
-            feats, _ = tokenize_cpt(exs, data_cfg, tokenizer)
-        if not feats:
-            raise TunesmithError(f"eval.forgetting_text: {source} has no 'text' column with text in it")
-        _BLOCKS[key] = feats[:blocks]
-    return _BLOCKS[key]
 
 
 def read_questions(source: str) -> list[dict[str, Any]]:
@@ -88,29 +60,12 @@ def answered(output: str, answers: list[str]) -> bool:
     return any(f" {normalize(a)} " in out for a in answers)
 
 
-@torch.no_grad()
-def _block_rows(model, tokenizer, feats: list[dict], cfg: RunConfig, acc) -> dict[str, list[float]]:
-    was_training = model.training
-    model.eval()
-    rows: dict[str, list[float]] = {"loss": [0.0] * len(feats), "tokens": [0.0] * len(feats),
-                                    "correct": [0.0] * len(feats)}
-    for idxs in batch_order([len(f["input_ids"]) for f in feats], cfg.eval.batch_size, shuffle=False):
-        batch = {k: v.to(acc.device) for k, v in collate([feats[i] for i in idxs], tokenizer.pad_token_id).items()}
-        with acc.autocast():
-            out = causal_lm(model, batch)
-        for k in rows:
-            for i, v in zip(idxs, out.rows[k].tolist()):
-                rows[k][i] = v
-    model.train(was_training)
-    return rows
-
-
 def forgetting_probe(result: dict, model, tokenizer, cfg: RunConfig, acc, chat: bool) -> None:
     """Add forgetting_perplexity / general_qa_accuracy to result["metrics"], their row groups,
     and each question's answer to result["forgetting"]."""
     if cfg.eval.forgetting_text:
-        feats = text_blocks(cfg.eval.forgetting_text, cfg.eval.forgetting_blocks, cfg, tokenizer)
-        rows = _block_rows(model, tokenizer, feats, cfg, acc)
+        feats = text_blocks(cfg.eval.forgetting_text, cfg.eval.forgetting_blocks, cfg, tokenizer, "eval.forgetting_text")
+        rows = causal_lm_rows(model, feats, tokenizer.pad_token_id, cfg.eval.batch_size, acc)
         tokens = sum(rows["tokens"])
         result["metrics"]["forgetting_perplexity"] = float(torch.tensor(sum(rows["loss"]) / max(tokens, 1)).clamp(max=50).exp())
         result["rows"].append({"name": "forgetting_text", "unit": "text block",

@@ -4,13 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported only when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_png: Path) -> None:
+    """Write a figure as tunesmith writes every PNG (tight layout, 110 dpi) and free it."""
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    pyplot().close(fig)
 
 
 def _sides(before: dict | None, after: dict, key: str) -> list[tuple[str, dict]]:
@@ -24,7 +32,7 @@ def reliability_diagram(before: dict | None, after: dict, out_png: Path) -> bool
     (writes nothing) when the evaluation has no calibration bins (a task without probabilities)."""
     if "calibration" not in after.get("metrics", {}):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     sides = _sides(before, after, "calibration")
     fig, axes = plt.subplots(1, len(sides), figsize=(4.6 * len(sides), 4.4), squeeze=False)
     for ax, (title, result) in zip(axes[0], sides):
@@ -43,9 +51,7 @@ def reliability_diagram(before: dict | None, after: dict, out_png: Path) -> bool
         ax.set_ylabel("accuracy")
         ax.set_title(f"{title}: ECE {result['metrics']['ece']:.3f}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
     return True
 
 
@@ -54,7 +60,7 @@ def confusion_plot(before: dict | None, after: dict, out_png: Path) -> bool:
     and after side by side. Returns False when the evaluation has none."""
     if not after.get("metrics", {}).get("confusion_matrix"):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     sides = _sides(before, after, "confusion_matrix")
     names = list(after["metrics"]["per_class"])
     size = max(3.6, 0.5 * len(names) + 2.5)
@@ -72,7 +78,5 @@ def confusion_plot(before: dict | None, after: dict, out_png: Path) -> bool:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{title}: accuracy {result['metrics']['accuracy']:.3f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
     return True

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith.evaluate.plots import pyplot, save_figure
+
 _HEADLINE = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "ece", "loss", "perplexity", "token_accuracy",
              "exact_match", "contains", "rouge_l", "chrf", "margin", "reward", "positive_share", "kl", "completion_tokens",
              "tax_perplexity", "mae", "rmse", "pearson", "spearman", "forgetting_perplexity", "general_qa_accuracy"]
@@ -302,11 +304,7 @@ def model_card(summary: dict, before: dict | None, after: dict, run_name: str, t
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
     """Training loss per logged step and validation metrics per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval" and "loss" in r]  # no validation split: no points
@@ -323,9 +321,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     ax1.set_title("loss")
     ax1.set_xlabel("step")
     ax1.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def plot_pref_curves(metrics_path: Path, out_png: Path) -> bool:
@@ -333,11 +329,7 @@ def plot_pref_curves(metrics_path: Path, out_png: Path) -> bool:
     (DPO: the implicit rewards beta * log pi/pi_ref) and, for DPO, log pi_ref - log pi on the
     pairs' responses (an estimate of KL(pi_ref || pi) when the reference sampled them).
     Returns False (and writes nothing) when the log has no such rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     rows = [r for r in rows if r["kind"] == "train" and "chosen_reward" in r]
     if not rows:
@@ -355,7 +347,5 @@ def plot_pref_curves(metrics_path: Path, out_png: Path) -> bool:
         axes[0][1].set_title("log pi_ref - log pi on the pairs (KL if sampled from ref)", fontsize=10)
     for a in axes[0]:
         a.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
     return True

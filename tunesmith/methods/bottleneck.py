@@ -101,10 +101,6 @@ def add_bottleneck_adapters(model: nn.Module, size: int, placement: str, dropout
     return wrapped
 
 
-def has_bottleneck(model: nn.Module) -> bool:
-    return any(isinstance(m, AdaptedProjection) for m in model.modules())
-
-
 def save_bottleneck(model: nn.Module, out: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tunesmith.data.collate import batch_order, collate
 from tunesmith.data.tokenize import IGNORE
 
 
@@ -55,6 +56,25 @@ def causal_lm(model, batch: dict[str, torch.Tensor]) -> LossOut:
     per_seq = lambda v: torch.zeros(len(keep), device=v.device).index_add(0, seq, v.detach().float())  # noqa: E731
     rows = {"loss": per_seq(per_token), "tokens": keep.sum(-1).float(), "correct": per_seq(hits.float())}
     return LossOut(per_token.sum(), int(target.numel()), int(hits.sum()), rows=rows)
+
+
+@torch.no_grad()
+def causal_lm_rows(model, feats: list[dict], pad_id: int, batch_size: int, acc) -> dict[str, list[float]]:
+    """causal_lm's per-sequence sums (loss, tokens, correct) over features in evaluation batches,
+    in the features' order: held-out text scored for its perplexity."""
+    was_training = model.training
+    model.eval()
+    rows: dict[str, list[float]] = {"loss": [0.0] * len(feats), "tokens": [0.0] * len(feats),
+                                    "correct": [0.0] * len(feats)}
+    for idxs in batch_order([len(f["input_ids"]) for f in feats], batch_size, shuffle=False):
+        batch = {k: v.to(acc.device) for k, v in collate([feats[i] for i in idxs], pad_id).items()}
+        with acc.autocast():
+            out = causal_lm(model, batch)
+        for k in rows:
+            for i, v in zip(idxs, out.rows[k].tolist()):
+                rows[k][i] = v
+    model.train(was_training)
+    return rows
 
 
 def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

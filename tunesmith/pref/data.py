@@ -22,7 +22,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.formats import Example, rename_columns
 from tunesmith.data.openai_format import is_openai_dpo, preference_fields
 from tunesmith.data.readers import Record
-from tunesmith.data.tokenize import IGNORE, TokenStats, _encode_sft, _truncate_sft
+from tunesmith.data.tokenize import IGNORE, TokenStats, encode_sft, use_chat_template
 from tunesmith.errors import DataError, Problem, TunesmithError
 
 Messages = list[dict[str, str]]
@@ -173,17 +173,12 @@ def to_pref_examples(records: list[Record], cfg: RunConfig, formats: frozenset[s
 
 # ---------------------------------------------------------------- tokenisation
 def use_chat(cfg: RunConfig, examples: list[PrefExample], tokenizer, default: bool = True) -> bool:
-    """Chat template on or off: data.chat_template, else on for messages, else `default` where the
-    tokenizer has a template (a reward model reads plain text)."""
-    if cfg.data.chat_template is not None:
-        if cfg.data.chat_template and not tokenizer.chat_template:
-            raise TunesmithError("data.chat_template is on, but this tokenizer has no chat template")
-        return cfg.data.chat_template
-    if any(isinstance(e.prompt, list) for e in examples):
-        if not tokenizer.chat_template:
-            raise TunesmithError("chat (messages) data needs a tokenizer with a chat template; this one has none")
-        return True
-    return default and bool(tokenizer.chat_template) and not cfg.data.template.prompt
+    """Chat template on or off, by SFT's rule (data/tokenize.use_chat_template): data.chat_template,
+    else on for messages, else `default` where the tokenizer has a template and no prompt template
+    is set (a reward model reads plain text)."""
+    messages = any(isinstance(e.prompt, list) for e in examples)
+    # plain prompt + response reads as SFT's prompt_completion (template where there is one) or as text (none)
+    return use_chat_template(cfg.data, "chat" if messages else "prompt_completion" if default else "text", tokenizer)
 
 
 def _as_example(prompt: str | Messages, response: str) -> Example:
@@ -195,11 +190,7 @@ def _as_example(prompt: str | Messages, response: str) -> Example:
 def encode_response(prompt: str | Messages, response: str, cfg: RunConfig, tokenizer, chat: bool, stats: TokenStats
                     ) -> dict[str, list[int]]:
     """Prompt + response as one LM row with loss/log-prob only on the response."""
-    ids, labels, plen = _encode_sft(_as_example(prompt, response), cfg.data, tokenizer, chat)
-    stats.lengths.append(len(ids))
-    if len(ids) > cfg.data.max_length:
-        stats.truncated += 1
-        ids, labels, plen = _truncate_sft(ids, labels, plen, cfg.data.max_length)
+    ids, labels, _ = encode_sft(_as_example(prompt, response), cfg.data, tokenizer, chat, stats)
     return {"input_ids": ids, "labels": labels}
 
 

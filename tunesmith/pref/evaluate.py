@@ -8,18 +8,19 @@ from typing import Any
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.data.collate import batch_order, collate
-from tunesmith.data.formats import Example
-from tunesmith.objectives import causal_lm
+from tunesmith.data import text_blocks
+from tunesmith.objectives import causal_lm_rows
+from tunesmith.pref.data import encode_prompt
 from tunesmith.pref.rollout import get_scorer, make_reference, make_rollout
-
-_TAX_FEATURES: dict = {}
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg: RunConfig, acc) -> dict[str, Any]:
-    """Sample one completion per held-out prompt (fixed seed, so before and after see the same draws
-    of randomness), score it with the run's reward and measure the KL to the reference policy."""
+def evaluate_policy(model, tokenizer, examples: list, cfg: RunConfig, acc, chat: bool) -> dict[str, Any]:
+    """Sample one completion per distinct prompt of held-out examples (fixed seed, so before and
+    after, and every evaluation during training, see the same draws of randomness), score it with
+    the run's reward and measure the KL to the reference policy and the completion's length."""
+    prompts = list({str(e.prompt): e.prompt for e in examples}.values())  # each prompt once
+    prompt_ids = [encode_prompt(p, cfg, tokenizer, chat) for p in prompts]
     scorer = get_scorer(cfg, acc.device)
     reference = make_reference(model)
     rewards, kls, lengths, texts = [], [], [], []
@@ -44,43 +45,11 @@ def evaluate_policy(model, tokenizer, prompts: list, prompt_ids: list[list[int]]
         rows["metrics"]["positive_share"] = ["share", "positive"]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": c, "reward": round(float(s), 3)}
                for p, c, s in list(zip(prompts, texts, r))[:cfg.eval.num_samples or 5]]
-    return {"metrics": metrics, "samples": samples, "rows": rows}
+    return {"metrics": metrics, "samples": samples, "rows": rows, "prompts": prompts}
 
 
-def _tax_features(cfg: RunConfig, tokenizer) -> list[dict]:
-    from tunesmith.data import load_records
-    from tunesmith.data.tokenize import tokenize_cpt
-
-    key = (cfg.pref.tax_data, cfg.data.max_length, cfg.pref.tax_blocks, tokenizer.name_or_path)
-    if key not in _TAX_FEATURES:
-        records, _ = load_records(cfg.pref.tax_data, cfg.data.model_copy(update={"where": {}, "columns": {}}))
-        exs, feats = [], []
-        for rec in records:  # enough documents for tax_blocks blocks, not the whole corpus
-            text = rec.fields.get("text")
-            if isinstance(text, str) and text.strip():
-                exs.append(Example(where=rec.where, text=text))
-            if len(exs) % 200 == 0 and exs:
-                feats, _ = tokenize_cpt(exs, cfg.data.model_copy(update={"packing": True}), tokenizer)
-                if len(feats) >= cfg.pref.tax_blocks:
-                    break
-        if len(feats) < cfg.pref.tax_blocks:
-            feats, _ = tokenize_cpt(exs, cfg.data.model_copy(update={"packing": True}), tokenizer)
-        _TAX_FEATURES[key] = feats[: cfg.pref.tax_blocks]
-    return _TAX_FEATURES[key]
-
-
-@torch.no_grad()
 def alignment_tax(model, tokenizer, cfg: RunConfig, acc) -> float:
     """Perplexity on the first `tax_blocks` blocks of pref.tax_data (e.g. the King James Bible)."""
-    feats = _tax_features(cfg, tokenizer)
-    was_training = model.training
-    model.eval()
-    loss, count = 0.0, 0
-    for idxs in batch_order([len(f["input_ids"]) for f in feats], cfg.eval.batch_size, shuffle=False):
-        batch = {k: v.to(acc.device) for k, v in collate([feats[i] for i in idxs], tokenizer.pad_token_id).items()}
-        with acc.autocast():
-            out = causal_lm(model, batch)
-        loss += float(out.loss_sum)
-        count += out.count
-    model.train(was_training)
-    return math.exp(loss / max(count, 1))
+    feats = text_blocks(cfg.pref.tax_data, cfg.pref.tax_blocks, cfg, tokenizer, "pref.tax_data")
+    rows = causal_lm_rows(model, feats, tokenizer.pad_token_id, cfg.eval.batch_size, acc)
+    return math.exp(sum(rows["loss"]) / max(sum(rows["tokens"]), 1))

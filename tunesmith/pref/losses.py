@@ -12,32 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.tokenize import IGNORE
 
-
-# ---------------------------------------------------------------- log-probabilities
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | tokens <t) for t >= 1: (B, T, V) logits, (B, T) ids -> (B, T-1).
-
-    Gathers the target logit and subtracts logsumexp instead of materialising a full
-    log_softmax copy of the (B, T, V) tensor: the same value, one vocabulary-sized tensor less.
-    """
-    logits = logits[:, :-1].float()  # position t-1 predicts token t
-    target = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
-    return logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of the labelled (non-IGNORE) tokens of each row, and their count.
-
-    logits (B, T, V), labels (B, T) with IGNORE on prompt and padding -> ((B,), (B,)).
-    """
-    mask = labels[:, 1:] != IGNORE  # (B, T-1)
-    ids = labels.clamp(min=0)  # IGNORE positions gather a dummy id; the mask drops them
-    lp = token_logps(logits, ids)  # (B, T-1)
-    return (lp * mask).sum(-1), mask.sum(-1)
-
-
+# ---------------------------------------------------------------- entropy
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position: (B, T, V) -> (B, T)."""
     logp = F.log_softmax(logits.float(), dim=-1)

@@ -65,7 +65,7 @@ def make_pairs(config: str | Path | dict, out_dir: str | Path, overrides: list[s
     than two non-empty samples gives no row.
     Returns per split: prompts, rows written, prompts skipped, mean reward of the best and worst.
     """
-    from tunesmith.train.runtime import resolve_device
+    from tunesmith.models.device import resolve_device
     from transformers import set_seed
 
     cfg = load_config(config, overrides)

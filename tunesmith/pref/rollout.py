@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import PROMPT_METHODS, RunConfig, task_facts
+from tunesmith.data.collate import left_pad
 from tunesmith.errors import TunesmithError
 from tunesmith.objectives import logits_to_keep_kind
 from tunesmith.pref.data import reward_text
@@ -112,16 +113,6 @@ class Rollout:
     ref_logps: torch.Tensor | None = None  # (N, T)
     values: torch.Tensor | None = None  # (N, T)
     entropy: torch.Tensor | None = None  # (N, T)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    return ids, attn
 
 
 def completion_mask(completion: torch.Tensor, eos_id: int | None) -> torch.Tensor:

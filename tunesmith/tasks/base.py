@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from tunesmith.config import DataConfig, RunConfig
 from tunesmith.data import Meta, PreparedData, Split, split_with_meta
-from tunesmith.data.collate import batch_order
+from tunesmith.data.collate import batch_order, left_pad
 from tunesmith.data.formats import detect_format
 from tunesmith.data.readers import Record
 from tunesmith.data.tokenize import TokenStats, render_prompt
@@ -206,13 +206,8 @@ def generate(model, tokenizer, prompts: list[list[int]], acc: Accelerator, max_n
     pad = tokenizer.pad_token_id
     with lora_folded(model):
         for idxs in batch_order([len(p) for p in prompts], batch_size, shuffle=False):
-            width = max(len(prompts[i]) for i in idxs)
-            ids = torch.full((len(idxs), width), pad, dtype=torch.long)  # (B, T) left-padded
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idxs):
-                n = len(prompts[i])
-                ids[row, width - n:] = torch.tensor(prompts[i])
-                mask[row, width - n:] = 1
+            ids, mask = left_pad([prompts[i] for i in idxs], pad)  # (B, T) each
+            width = ids.shape[1]
             with acc.autocast():
                 gen = model.generate(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

@@ -12,7 +12,6 @@ from tunesmith.pref.data import (
     PrefExample,
     detect_pref_format,
     encode_pairs,
-    encode_prompt,
     encode_prompts,
     encode_unpaired,
     pref_report,
@@ -77,14 +76,12 @@ def _policy_metrics(result: dict, model, tokenizer, data, cfg: RunConfig, acc, s
     """For a policy: the reward of its samples on held-out prompts and the KL to the reference (when
     the config names a reward), and the alignment tax (perplexity on pref.tax_data)."""
     if cfg.pref.reward_model or cfg.pref.reward_fn:
-        exs = data.splits[split].examples[: cfg.eval.max_examples]
-        prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each held-out prompt once
-        ids = [encode_prompt(p, cfg, tokenizer, data.chat) for p in prompts]
-        policy = evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)
+        policy = evaluate_policy(model, tokenizer, data.splits[split].examples[: cfg.eval.max_examples], cfg, acc,
+                                 data.chat)
         result["metrics"].update(policy["metrics"])
         result["generations"] = policy["samples"]
-        result.setdefault("rows", []).append({"name": "policy", "unit": "prompt", "keys": [unit_key(p) for p in prompts],
-                               **policy["rows"]})
+        result.setdefault("rows", []).append({"name": "policy", "unit": "prompt",
+                                              "keys": [unit_key(p) for p in policy["prompts"]], **policy["rows"]})
     if cfg.pref.tax_data:
         result["metrics"]["tax_perplexity"] = alignment_tax(model, tokenizer, cfg, acc)
 

@@ -383,7 +383,7 @@ def _restore(folder: Path, acc: Accelerator, model, optimizer, scheduler, ema, s
         ema.load_state_dict(state["ema"])
     if schedule is not None:
         schedule.load_state_dict(state["method"])
-    return {"run_extras": {}} | state["progress"]  # checkpoints from before per-step extras lack the key
+    return state["progress"]  # older checkpoints lack some keys: the caller's defaults stay
 
 
 class NonFiniteError(TunesmithError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import threading
 import time
@@ -25,7 +24,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from tunesmith.config import RunConfig
+from tunesmith.data.collate import batch_order
 from tunesmith.errors import TrainingCancelled
+from tunesmith.evaluate.plots import pyplot, save_figure
 from tunesmith.pref.losses import (
     adapt_kl_coef,
     gae,
@@ -37,12 +38,11 @@ from tunesmith.pref.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from tunesmith.pref.data import encode_prompt
 from tunesmith.pref.evaluate import evaluate_policy
 from tunesmith.pref.rollout import Rollout, get_scorer, make_reference, make_rollout, policy_forward
 from tunesmith.tasks import get_task
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import FitResult, _improved, _truncate_log, make_optimizer
+from tunesmith.train.loop import FitResult, _improved, _restore, _truncate_log, make_optimizer
 
 
 # ---------------------------------------------------------------- the loop
@@ -111,21 +111,6 @@ def _optimise(bundle: nn.ModuleDict, ro: Rollout, cfg: RunConfig, optimizer, sch
     return {k: v / max(updates, 1) for k, v in sums.items()}
 
 
-def _prompt_batches(n: int, size: int, seed: int, epoch: int) -> list[list[int]]:
-    idx = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(idx)
-    return [idx[i: i + size] for i in range(0, n, size)]
-
-
-def _validate(model, tokenizer, data, cfg: RunConfig, acc) -> dict[str, float]:
-    """The policy on the held-out validation prompts: mean reward of one sample each (drawn with a
-    fixed seed, so every evaluation sees the same randomness), KL to the reference, length."""
-    exs = data.splits["validation"].examples
-    prompts = list({str(e.prompt): e.prompt for e in exs}.values())  # each prompt once
-    ids = [encode_prompt(q, cfg, tokenizer, data.chat) for q in prompts]
-    return evaluate_policy(model, tokenizer, prompts, ids, cfg, acc)["metrics"]
-
-
 def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on_event=None,
                cancel: threading.Event | None = None, resume_from: Path | None = None):
     """The online loop with the ordinary loop's run semantics: events for `on_event`, evaluation on the
@@ -159,13 +144,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     prog = {"step": 0, "epoch": 0, "batch": 0, "moments": None, "kl_coef": p.kl_coef,
             "best_value": None, "best_step": None, "bad_evals": 0}
     metrics_path = run_dir / "metrics.jsonl"
-    if resume_from is not None:
-        ckpt.load_weights(resume_from, bundle)
-        state = ckpt.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        prog = {"best_value": None, "best_step": None, "bad_evals": 0} | state["progress"]  # older checkpoints lack them
+    if resume_from is not None:  # older checkpoints lack the keep-best keys: prog's defaults stay
+        prog = prog | _restore(resume_from, acc, bundle, optimizer, scheduler, None, None, emit)
         _truncate_log(metrics_path, prog["step"])
     moments = RunningMoments(prog["moments"])
     history = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -180,7 +160,8 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
     tokens, stop = 0, False
     model.train()
     while prog["step"] < total_steps and not stop:
-        batches = _prompt_batches(len(feats), per_step, t.seed, prog["epoch"])
+        batches = batch_order([len(f["prompt_ids"]) for f in feats], per_step, shuffle=True, seed=t.seed,
+                              epoch=prog["epoch"], group_by_length=False)  # the ordinary loop's seeded shuffle
         while prog["step"] < total_steps and prog["batch"] < len(batches) and not stop:
             chosen = [feats[i] for i in batches[prog["batch"]]]
             reps = p.num_generations if grpo else 1
@@ -215,7 +196,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
             save = (t.eval_every != "epoch" and step % t.eval_every == 0) or step == total_steps or \
                    (t.eval_every == "epoch" and prog["batch"] == 0)
             if save and val is not None:  # keep-best and early stopping on the held-out prompts
-                m = _validate(model, tokenizer, data, cfg, acc)
+                m = evaluate_policy(model, tokenizer, val.examples, cfg, acc, data.chat)["metrics"]  # reward, KL, length
                 if _improved(m[metric], prog["best_value"], greater):
                     ckpt.save_checkpoint(run_dir / "checkpoints" / "best", model)
                     prog.update(best_value=m[metric], best_step=step, bad_evals=0)
@@ -241,11 +222,7 @@ def fit_online(model, tokenizer, data, cfg: RunConfig, acc, run_dir: Path, *, on
 def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = None) -> None:
     """Mean reward and KL to the reference per step; with PPO, the KL coefficient on a second axis
     (and the controller's target, when there is one), so a reader sees what held the KL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     rows = [r for r in rows if r["kind"] == "train" and "reward" in r]
     if not rows:
@@ -264,6 +241,4 @@ def plot_rl_curves(metrics_path: Path, out_png: Path, kl_target: float | None = 
         ax3.set_ylabel("kl_coef", color="tab:gray")
     for ax in (ax1, ax2):
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)

@@ -6,12 +6,7 @@ from accelerate import Accelerator
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.models.device import (  # noqa: F401 (re-exported)
-    AUTO_PRECISION_ENV,
-    cpu_has_fast_bf16,
-    resolve_device,
-    resolve_precision,
-)
+from tunesmith.models.device import resolve_device, resolve_precision
 
 
 # What an `accelerate launch --config_file configs/accelerate/...` asks for, read from the environment it sets.
