@@ -335,6 +335,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute each block's activations in the backward pass instead of storing them: "
         "less memory (activations grow with batch x length) for about a third more compute.")
+    lean_lora_dropout: bool = Field(
+        True, description="LoRA with dropout: keep a 1-byte mask per input element for backward instead of two "
+        "float copies of each adapted layer's input (methods/lean_dropout.py). The same numbers, bit for bit; the main "
+        "job's saved activations fall by about a third. false: peft's own forward.")
     frozen_cache_gb: float = Field(
         4.0, ge=0, description="When only the top of the model trains (head; selective; LoRA/IA3/adapter with "
         "method.layers above block 0) and the model's dropout is 0, keep the frozen bottom's output for each example "

@@ -28,6 +28,7 @@ from tunesmith.evaluate.stats import compare_results
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
+from tunesmith.methods.lean_dropout import install_lean_dropout
 from tunesmith.models.load import load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.tasks import get_task
@@ -126,6 +127,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         model.to(acc.device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.train.lean_lora_dropout and cfg.method.name == "lora":
+        install_lean_dropout(model)  # LoRA dropout keeps a bool mask for backward (methods/lean_dropout.py)
     task.before_fit(model, tokenizer, data, cfg, acc, lambda msg: _say(msg, on_event))  # e.g. DPO's reference log-probs
     with acc.autocast():  # the same precision as the training steps (a bf16 embedding needs it)
         check_gradients_reach(model, _first_batch(data, tokenizer, acc, task), task.objective(cfg), cfg.method.name)
@@ -263,7 +266,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[Path | 
 
 # Settings that change how fast a run goes or how often it saves, not what it computes: free to
 # change on resume (e.g. resuming on a machine with another core count).
-_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints",
+_SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.lean_lora_dropout", "train.num_threads", "train.save_every", "train.keep_checkpoints",
                          "train.max_bad_steps"})
 
 
