@@ -1,5 +1,5 @@
 """train.return_memory (utils.set_mmap_threshold / malloc_trim): freed tensors go back to the OS, and
-the run computes the same numbers whichever way."""
+the run computes the same numbers whichever way; train() installs the lean LoRA dropout by default."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,8 @@ def test_return_memory_modes_train_the_same(tiny_bert, sentiment_rows, tmp_path,
     calls = {"mmap": 0, "trim": 0}
     monkeypatch.setattr(train_mod, "set_mmap_threshold", lambda n: calls.__setitem__("mmap", calls["mmap"] + 1) or True)
     monkeypatch.setattr(loop_mod, "malloc_trim", lambda: calls.__setitem__("trim", calls["trim"] + 1) or True)
+    real_install, installed = train_mod.install_lean_dropout, []
+    monkeypatch.setattr(train_mod, "install_lean_dropout", lambda model: installed.append(real_install(model)) or installed[-1])
     data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows)
     runs = {}
     for mode in ("keep", "step", "mmap"):
@@ -69,6 +71,7 @@ def test_return_memory_modes_train_the_same(tiny_bert, sentiment_rows, tmp_path,
     losses = {m: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
               for m, d in runs.items()}
     assert losses["keep"] == losses["step"] == losses["mmap"]
+    assert installed == [13, 13, 13]  # train.lean_lora_dropout (default on): 2 blocks x 6 linear layers and the pooler
     weights = {m: load_file(d / "adapter" / "adapter_model.safetensors") for m, d in runs.items()}
     for k, v in weights["keep"].items():
         assert v.equal(weights["step"][k]) and v.equal(weights["mmap"][k]), k

@@ -336,11 +336,12 @@ class TrainConfig(_Section):
         False, description="Recompute each block's activations in the backward pass instead of storing them: "
         "less memory (activations grow with batch x length) for about a third more compute.")
     return_memory: Literal["keep", "step", "mmap"] = Field(
-        "mmap", description="How freed tensors go back to the OS (glibc malloc, Linux; elsewhere nothing changes). "
-        "keep: glibc's default, whose heap keeps what a step freed (the main job grew to 5.8 GB in 20 steps with 0.2 GB "
+        "step", description="How freed tensors go back to the OS (glibc malloc, Linux; elsewhere nothing changes). "
+        "keep: glibc's default, whose heap keeps what the steps freed (the main job: 5.8 GB after 20 steps with 0.2 GB "
         "in use); step: hand the heap's free pages back after every optimizer step and evaluation (malloc_trim); mmap: "
-        "every allocation of 1 MB or more gets its own mapping, unmapped when freed (for the whole process). The "
-        "same numbers either way; bench/memory.py measures peak RSS and tokens/s of each.")
+        "every allocation of 1 MB or more gets its own mapping, unmapped when freed (for the whole process): the lowest "
+        "peak, but every new tensor's pages fault in (the main job: 0.66x the tokens/s of step). The same numbers "
+        "whichever; bench/memory.py measures each.")
     lean_lora_dropout: bool = Field(
         True, description="LoRA with dropout: keep a 1-byte mask per input element for backward instead of two "
         "float copies of each adapted layer's input (methods/lean_dropout.py). The same numbers, bit for bit; the main "
