@@ -1,19 +1,28 @@
-"""Peak memory and tokens/s of the main job's training steps, whole micro-batches against pieces of
-`train.max_batch_tokens`, both measured in the same run (issue 19's memory target: peak RSS <= 3 GB
-at no more than 10% lower tokens/s).
+"""Peak memory and tokens/s of the main job before and after issue 19's memory work, measured in the
+same run, in fp32 and bf16 (the target: whole-command peak RSS <= 3 GB at no more than 10% lower
+tokens/s).
 
-Run: .venv/bin/python bench/memory.py [--steps 4] [--budget 2048] [--precision fp32|bf16] [--together]
+Run: .venv/bin/python bench/memory.py [--steps 3] [--precisions fp32,bf16] [--sides before,after] [--rounds 1]
 
-Each side is `tunesmith train configs/sentiment-lora.yaml` in its own process (a fresh peak), on
-the worst case for memory: the longest IMDB training reviews, so every micro-batch is 16 x 512
-tokens. Evaluation before training is off and the validation set small, so the peak is training's.
-Prints each side's training peak RSS (run.json's train_peak_rss_mb: the process's peak up to the end
-of training) and training tokens/s (metrics.jsonl), then the ratios.
+Each side is `tunesmith train configs/sentiment-lora.yaml` in its own process (a fresh peak) with
+its settings (SIDES below): `before` is the code before the work (peft's LoRA dropout, glibc's
+default malloc), `after` the shipped config (today the same as `step`); `mmap` and `pieces`
+(train.max_batch_tokens=4096) are the other measured choices. The data are the worst case for memory: the longest
+IMDB reviews, so every training micro-batch is 16 x 512 tokens and every evaluation batch 32 x 512
+(64 held-out reviews, evaluated before and after training as the main job does). Reported per side:
+- whole peak RSS: run.json's peak_rss_mb, the process's peak over the whole command (data, model,
+  evaluation before, training, evaluation after, saving);
+- train peak RSS: run.json's train_peak_rss_mb, the peak up to the end of training;
+- tokens/s: training tokens over training time (metrics.jsonl's last row).
+Sides run one after another, alternated (with --rounds 2: before, after, after, before) so that on a
+shared machine both see the same load on average; tokens/s is the mean over rounds. Compare
+tokens/s only within one run of this script.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +30,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "sentiment-lora.yaml"
+TEST_ROWS, VAL_ROWS = 64, 16
+
+SIDES = {
+    "before": ["--train.lean_lora_dropout=false", "--train.return_memory=keep", "--train.max_batch_tokens=null"],
+    "lean": ["--train.return_memory=keep", "--train.max_batch_tokens=null"],  # LoRA dropout's bool mask alone
+    "step": ["--train.return_memory=step", "--train.max_batch_tokens=null"],  # and malloc_trim after each step
+    "mmap": ["--train.return_memory=mmap", "--train.max_batch_tokens=null"],  # a mapping per tensor of 1 MB or more
+    "pieces": ["--train.return_memory=step", "--train.max_batch_tokens=4096"],  # step, micro-batches cut in two
+    "after": [],  # the shipped config
+}
 
 
 def longest_reviews(out: Path, n: int) -> Path:
@@ -38,54 +57,55 @@ def longest_reviews(out: Path, n: int) -> Path:
     return out
 
 
-def side_command(name: str, data: Path, work: Path, steps: int, precision: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "tunesmith", "train", str(CONFIG), f"--data.train={data}",
-            "--data.val_size=16", "--data.test_size=16", f"--train.max_steps={steps}", "--train.log_every=1",
-            "--train.eval_every=1000", "--eval.before=false", f"--train.precision={precision}",
-            f"--output.dir={work}/{{name}}", f"--output.name={name}", *extra]
-
-
-def side_result(name: str, proc: subprocess.Popen, work: Path) -> dict:
-    _, err = proc.communicate()
+def run_side(side: str, precision: str, data: Path, work: Path, steps: int) -> dict:
+    name = f"{side}-{precision}"
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(CONFIG), f"--data.train={data}",
+           f"--data.val_size={VAL_ROWS}", f"--data.test_size={TEST_ROWS}", f"--train.max_steps={steps}",
+           "--train.log_every=1", f"--train.precision={precision}", f"--output.dir={work}/{{name}}", f"--output.name={name}",
+           "--output.overwrite=true", *SIDES[side]]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{err[-3000:]}")
-    run = work / name
-    info = json.loads((run / "run.json").read_text())
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    info = json.loads((work / name / "run.json").read_text())
+    rows = [json.loads(l) for l in (work / name / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    return {"name": name, "train_peak_rss_mb": info["train_peak_rss_mb"],
-            "tokens_per_s": train_rows[-1]["tokens_per_s"], "steps": len(train_rows)}
+    return {"whole": info["peak_rss_mb"], "train": info["train_peak_rss_mb"], "tokens_per_s": train_rows[-1]["tokens_per_s"],
+            "loss": train_rows[-1]["loss"], "steps": len(train_rows)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--budget", type=int, default=2048, help="train.max_batch_tokens for the second side")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--rows", type=int, default=96, help="longest reviews used (>= steps x 16 + 32)")
-    ap.add_argument("--together", action="store_true", help="run both sides at once (each sees the same "
-                    "machine load; tokens/s are then each side's share of the CPU)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps of 16 x 512 tokens per side")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--sides", default="before,after", help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--rounds", type=int, default=1, help="run each side this many times, alternating the order")
     args = ap.parse_args()
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        raise SystemExit(f"unknown side(s) {unknown}; choose from {list(SIDES)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = longest_reviews(work / "longest.jsonl", args.rows)
-        names = ["whole", f"pieces-{args.budget}"]
-        extras = [[], [f"--train.max_batch_tokens={args.budget}"]]
-        cmds = [side_command(n, data, work, args.steps, args.precision, e) for n, e in zip(names, extras)]
-        if args.together:  # both at once: on a machine shared with other work, both sides see the same load
-            procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
-            sides = [side_result(n, p, work) for n, p in zip(names, procs)]
-        else:
-            sides = [side_result(n, subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), work)
-                     for n, c in zip(names, cmds)]
-    print(f"main job config, {args.precision}, {args.steps} steps of 16 x 512 tokens (the longest IMDB reviews)"
-          + (", both sides at once" if args.together else ""))
-    print(f"{'side':<16} {'train peak RSS':>15} {'tokens/s':>10}")
-    for s in sides:
-        print(f"{s['name']:<16} {s['train_peak_rss_mb']:>12.0f} MB {s['tokens_per_s']:>10.1f}")
-    a, b = sides
-    print(f"ratio (pieces / whole): peak RSS {b['train_peak_rss_mb'] / a['train_peak_rss_mb']:.2f}x, "
-          f"tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x")
+        data = longest_reviews(work / "longest.jsonl", args.steps * 16 + VAL_ROWS + TEST_ROWS)
+        results: dict[tuple[str, str], list[dict]] = {}
+        for precision in args.precisions.split(","):
+            for r in range(args.rounds):
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    res = run_side(side, precision, data, work, args.steps)
+                    print(f"  {precision} {side} round {r + 1}: whole {res['whole']:.0f} MB, train {res['train']:.0f} MB, "
+                          f"{res['tokens_per_s']:.1f} tokens/s, loss {res['loss']:.6f}", flush=True)
+                    results.setdefault((precision, side), []).append(res)
+    print(f"\nmain job config, {args.steps} steps of 16 x 512 tokens (the longest IMDB reviews), evaluation of "
+          f"{TEST_ROWS} x 512 before and after; {args.rounds} round(s), sides alternated")
+    print(f"{'precision':<9} {'side':<8} {'whole peak RSS':>15} {'train peak RSS':>15} {'tokens/s':>9} {'vs ' + sides[0]:>18}")
+    for (precision, side), runs in results.items():
+        whole, train = max(r["whole"] for r in runs), max(r["train"] for r in runs)
+        tps = sum(r["tokens_per_s"] for r in runs) / len(runs)
+        ref = results[(precision, sides[0])]
+        ref_tps = sum(r["tokens_per_s"] for r in ref) / len(ref)
+        ratio = f"{whole / max(r['whole'] for r in ref):.2f}x RSS {tps / ref_tps:.2f}x tok/s"
+        print(f"{precision:<9} {side:<8} {whole:>12.0f} MB {train:>12.0f} MB {tps:>9.1f} {ratio:>18}")
 
 
 if __name__ == "__main__":

@@ -336,6 +336,17 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute each block's activations in the backward pass instead of storing them: "
         "less memory (activations grow with batch x length) for about a third more compute.")
+    return_memory: Literal["keep", "step", "mmap"] = Field(
+        "step", description="How freed tensors go back to the OS (glibc malloc, Linux; elsewhere nothing changes). "
+        "keep: glibc's default, whose heap keeps what the steps freed (the main job: 5.8 GB after 20 steps with 0.2 GB "
+        "in use); step: hand the heap's free pages back after every optimizer step and evaluation (malloc_trim); mmap: "
+        "every allocation of 1 MB or more gets its own mapping, unmapped when freed (for the whole process): the lowest "
+        "peak, but every new tensor's pages fault in (the main job: 0.66x the tokens/s of step). The same numbers "
+        "whichever; bench/memory.py measures each.")
+    lean_lora_dropout: bool = Field(
+        True, description="LoRA with dropout: keep a 1-byte mask per input element for backward instead of two "
+        "float copies of each adapted layer's input (methods/lean_dropout.py). The same numbers, bit for bit; the main "
+        "job's saved activations fall by about a third. false: peft's own forward.")
     frozen_cache_gb: float = Field(
         4.0, ge=0, description="When only the top of the model trains (head; selective; LoRA/IA3/adapter with "
         "method.layers above block 0) and the model's dropout is 0, keep the frozen bottom's output for each example "

@@ -147,3 +147,37 @@ def model_memory_mb(model) -> float:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return round(total / 2**20, 1)
+
+
+# glibc malloc (Linux). A freed block returns to the OS only from the top of the heap, and after a
+# large block is freed glibc raises its mmap threshold to that block's size (up to 32 MB), so later
+# tensors of that size come from the heap too. A training step allocates and frees gigabytes of
+# activations of many sizes: the heap grows to the step's high-water mark plus fragmentation and
+# stays there (the main job after 20 steps: RSS 4.6 GB with 206 MB in use, 3.8 GB free in the heap).
+_M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
+
+
+def _glibc():
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version") else None
+    except OSError:
+        return None
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve every allocation of at least `nbytes` from its own mapping, unmapped when freed
+    (this also turns off the dynamic threshold). Returns whether it was applied (False off glibc)."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def malloc_trim() -> bool:
+    """glibc: hand the heap's free pages back to the OS (all of them, not only the top). Returns
+    whether any memory was released (False off glibc)."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))

@@ -28,10 +28,12 @@ from tunesmith.evaluate.stats import compare_results
 from tunesmith.data.collate import collate_any
 from tunesmith.methods import apply_method, check_gradients_reach, param_report, saved_as
 from tunesmith.methods.bottleneck import save_bottleneck
+from tunesmith.methods.lean_dropout import install_lean_dropout
 from tunesmith.models.load import MERGED_BASE, load_model, load_tokenizer, resolve_model_path
 from tunesmith.models.quant import is_quantized, prepare_for_training, quantization_config
 from tunesmith.tasks import get_task
-from tunesmith.utils import current_rss_mb, folder_bytes, model_memory_mb, peak_gpu_mb, peak_rss_mb, weights_bytes
+from tunesmith.utils import (current_rss_mb, folder_bytes, malloc_trim, model_memory_mb, peak_gpu_mb, peak_rss_mb,
+                             set_mmap_threshold, weights_bytes)
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed as dist
 from tunesmith.train import sharded
@@ -40,6 +42,10 @@ from tunesmith.train.online import fit_online
 from tunesmith.train.runtime import enable_gradient_checkpointing, make_accelerator
 from tunesmith.train.tracking import Trackers, check_tracking, open_trackers
 
+
+# train.return_memory=mmap: allocations this large or larger are mapped and unmapped one by one. The
+# main job's activations are 0.4-50 MB each; below 1 MB live the small objects the heap serves well.
+MMAP_THRESHOLD = 1 << 20
 
 # Below this many validation examples, keep-best picks a checkpoint on noise: say so.
 SMALL_VALIDATION = 30
@@ -120,6 +126,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
     main = int(os.environ.get("RANK", "0")) == 0  # data parallel: process 0 alone prints and writes the run folder
     on_event = _events(on_event, echo and main)
     t0, rss_start = time.perf_counter(), current_rss_mb()
+    if cfg.train.return_memory == "mmap":  # big tensors in their own mappings, returned when freed (utils.py)
+        set_mmap_threshold(MMAP_THRESHOLD)
     run_dir = cfg.run_dir
     resume_from, notes = _check_run_dir(run_dir, cfg, resume)
     for note in notes:
@@ -149,6 +157,8 @@ def train(config: RunConfig | str | Path | dict, overrides: dict | list[str] | N
         model.to(acc.device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.train.lean_lora_dropout and cfg.method.name == "lora":
+        install_lean_dropout(model)  # LoRA dropout keeps a bool mask for backward (methods/lean_dropout.py)
     task.before_fit(model, tokenizer, data, cfg, acc, lambda msg: _say(msg, on_event))  # e.g. DPO's reference log-probs
     with acc.autocast():  # the same precision as the training steps (a bf16 embedding needs it)
         check_gradients_reach(model, _first_batch(data, tokenizer, acc, task), task.objective(cfg), cfg.method.name)
@@ -289,7 +299,7 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[Path | 
 # Settings that change how fast a run goes or how often it saves, not what it computes: free to
 # change on resume (e.g. resuming on a machine with another core count).
 _SPEED_ONLY = frozenset({"train.frozen_cache_gb", "train.num_threads", "train.save_every", "train.keep_checkpoints",
-                         "train.max_bad_steps"})
+                         "train.max_bad_steps", "train.lean_lora_dropout", "train.return_memory"})
 
 
 def _config_changes(saved: dict, now: dict) -> list[str]:
@@ -319,6 +329,8 @@ def _before(model, tokenizer, data, cfg, acc, run_dir: Path, resume_from, on_eve
     rng = torch.get_rng_state()
     before = evaluate_model(model, tokenizer, data, cfg, acc, _eval_split(data))
     torch.set_rng_state(rng)  # evaluation must not change what training sees
+    if cfg.train.return_memory == "step":
+        malloc_trim()
     if acc.is_main_process:
         path.write_text(json.dumps(before))
     return before

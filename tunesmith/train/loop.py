@@ -35,6 +35,7 @@ from tunesmith.train import distributed as dist
 from tunesmith.train import frozen_cache
 from tunesmith.train import sharded
 from tunesmith.train.averaging import WeightAverage
+from tunesmith.utils import malloc_trim
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -222,6 +223,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     raise NonFiniteError(_non_finite_message(prog, saved_at, run_dir, t.max_bad_steps))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if t.return_memory == "step":  # the step's activations back to the OS (utils.malloc_trim)
+                malloc_trim()
             if ema is not None and prog["bad_run"] == 0:
                 ema.update()
             faults.reached("step")
@@ -273,6 +276,8 @@ def fit(model, tokenizer, data: PreparedData, cfg: RunConfig, acc: Accelerator, 
                     row["early_stop"] = stop
                     if main:
                         bar.write(file=sys.stderr, s=f"step {step}: validation " + ", ".join(f"{k} {row[k]:.4f}" for k in dict.fromkeys(("loss", metric)) if k in row))
+                if t.return_memory == "step":
+                    malloc_trim()
                 row["elapsed_s"] = round(time.perf_counter() - start, 2)  # training clock incl. evals: time-to-accuracy
                 log(row)
                 if prog["bad_run"] == 0:  # in a run of skipped steps, the last good checkpoint stays the newest
