@@ -298,3 +298,38 @@ def test_options_belong_to_diff_pruning():
                      "train": {"early_stopping_patience": 2}})
     m = load_config({"data": {"train": "x.jsonl"}, "method": {"name": "diff_pruning", "mode": "l0"}}).method
     assert (m.opt("density"), m.opt("mask_at"), m.opt("target_modules")) == (0.005, 0.5, "all-linear")
+
+
+def test_the_server_serves_diff_runs_as_predict_does(tiny_llama, tiny_bert, qa_rows, sentiment_rows, tmp_path):
+    """A generative diff run is served as a whole model (its diff added into the base), a classification
+    one as an encoder: a real server process, the official openai SDK, answers equal to tunesmith predict."""
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from tests.conftest import ServerProcess
+    from tunesmith.runs import predict
+    from tunesmith.train import train
+
+    sft = train(_cfg(tiny_llama, "sft", write_jsonl(tmp_path / "qa.jsonl", qa_rows), tmp_path / "sft",
+                     epochs=6, lr=1e-2)).run_dir
+    cls = train(_cfg(tiny_bert, "classification", write_jsonl(tmp_path / "s.jsonl", sentiment_rows),
+                     tmp_path / "cls", max_steps=6, lr=1e-2)).run_dir
+    srv = ServerProcess([f"D={sft}", f"C={cls}", "--precision", "fp32"], tmp_path / "server.log", threads=1)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        questions = [r["prompt"] for r in qa_rows[:3]]
+        want = [r["output"] for r in predict(sft, questions)]
+        got = [client.completions.create(model="D", prompt=q, temperature=0).choices[0].text  # max_tokens: the run's
+               for q in questions] if not json.loads((sft / "run.json").read_text()).get("chat_template") else \
+            [client.chat.completions.create(model="D", messages=[{"role": "user", "content": q}], temperature=0)
+             .choices[0].message.content for q in questions]
+        assert [g.strip() for g in got] == [w.strip() for w in want]
+        texts = ["a good film", "an awful film"]
+        req = urllib.request.Request(srv.url + "/classify", data=json.dumps({"model": "C", "input": texts}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        for row, w in zip(body["data"], predict(cls, texts)):
+            assert row["label"] == w["label"] and abs(max(row["probs"]) - w["probability"]) < 1e-4
+    finally:
+        srv.stop()

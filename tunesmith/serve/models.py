@@ -184,10 +184,11 @@ class Registry:
             if self.gen is None:  # the base, loaded once for every adapter over it
                 self._load_base(cfg, run / "adapter", cfg.model.name_or_path)
             self.add_adapter(name, str(run))
-        elif generative and (run / "model").is_dir():
-            loaded = load_run(run)
-            served = Served(name, str(run / "model"), task.serves, loaded.tokenizer, cfg.data, loaded.chat,
-                            cfg.eval.max_new_tokens, cfg=cfg, base_path=str(run / "model"))
+        elif generative and ((run / "model").is_dir() or (run / "diff").is_dir()):
+            loaded = load_run(run)  # a sparse diff is added into its base's weights here: a whole model too
+            root = str(run / "model") if (run / "model").is_dir() else str(run)
+            served = Served(name, root, task.serves, loaded.tokenizer, cfg.data, loaded.chat,
+                            cfg.eval.max_new_tokens, cfg=cfg, base_path=root)
             self._set_gen(loaded.model, loaded.tokenizer, served, cfg)
         elif generative:
             raise TunesmithError(f"{run}: a {cfg.method.name} run; the server batches LoRA adapters and whole "
