@@ -327,13 +327,16 @@ def test_estimate_matches_measured_runs(tmp_path):
                intermediate_size=1536).save_pretrained(tmp_path / "minilm")  # all-MiniLM-L6-v2
     smol, minilm = model_shape(str(tmp_path / "smol"), None, 0), model_shape(str(tmp_path / "minilm"), "labels", 2)
     assert smol["params"] == 134_515_008  # SmolLM2-135M's count
+    # These runs were measured with peft's own LoRA forward (its dropout keeps two float copies of each input)
+    # and glibc's default heap, before train.lean_lora_dropout and train.return_memory existed.
+    old = {"lean_lora_dropout": False, "return_memory": "keep"}
     measured_mb = {128: 1702, 512: 2939, 2048: 8790, 4096: 16010}  # SmolLM2 LoRA, batch 1
     for tokens, mb in measured_mb.items():
-        assert 0.9 < _estimate("sft", smol, [tokens], batch_size=1)["peak_memory_mb"] / mb < 1.1
+        assert 0.9 < _estimate("sft", smol, [tokens], batch_size=1, **old)["peak_memory_mb"] / mb < 1.1
     for tokens, mb in {1024: 2828, 2048: 4864}.items():  # with gradient checkpointing (its two constants' fit)
-        ckpt = _estimate("sft", smol, [tokens], batch_size=1, gradient_checkpointing=True)["peak_memory_mb"]
+        ckpt = _estimate("sft", smol, [tokens], batch_size=1, gradient_checkpointing=True, **old)["peak_memory_mb"]
         assert 0.95 < ckpt / mb < 1.05
-    assert 0.9 < _estimate("classification", minilm, [256] * 4, batch_size=4)["peak_memory_mb"] / 1090 < 1.1
+    assert 0.9 < _estimate("classification", minilm, [256] * 4, batch_size=4, **old)["peak_memory_mb"] / 1090 < 1.1
     # seconds per step at the measured matmul peak (134-158 GFLOP/s: 146): MiniLM 256 x 16 took 3.15 s,
     # SmolLM2 128 x 8 8.72 s
     assert 0.8 < _estimate("classification", minilm, [256] * 16, batch_size=16, epochs=1)["seconds"] / 3.15 < 1.3
